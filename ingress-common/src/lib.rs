@@ -1,0 +1,80 @@
+//! Types shared by the ingressd eBPF programs and the daemon.
+//!
+//! # Layout
+//! Everything lives in this file: the map names, their sizes, and the `#[repr(C)]` value types
+//! that both sides read and write. Layouts are append-only across versions (a running program
+//! may outlive the daemon that loaded it), and every type carries a size assertion.
+#![no_std]
+
+/// Version of the map layouts below; bump it whenever a layout changes.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Name of the sockhash holding every spliced socket, keyed by socket cookie.
+pub const SOCKS_MAP: &str = "SOCKS";
+/// Name of the hash map from socket cookie to the index of its direction state.
+pub const SOCK_DIR_MAP: &str = "SOCK_DIR";
+/// Name of the (mmapable) array of per-direction states.
+pub const DIRS_MAP: &str = "DIRS";
+/// Name of the global holding the offset of `bytes_acked` in the kernel's `struct tcp_sock`.
+pub const BYTES_ACKED_OFFSET_GLOBAL: &str = "BYTES_ACKED_OFFSET";
+/// Name of the stream verdict program.
+pub const VERDICT_PROGRAM: &str = "splice_verdict";
+
+/// Largest number of sockets the sockhash holds (two per flow).
+pub const MAX_SOCKS: u32 = 32_768;
+/// Number of per-direction state slots (two per flow).
+pub const MAX_DIRS: u32 = MAX_SOCKS;
+
+/// State of one direction of a spliced flow: bytes arriving on the source socket and sent out
+/// of its peer, the destination.
+///
+/// The first half is written only by the daemon, the second half only by the verdict program,
+/// so neither side ever overwrites the other's fields. Both sides reach the same memory: the
+/// daemon maps the array with `mmap`, the program gets a pointer from `bpf_map_lookup_elem`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirState {
+    /// Cookie of the destination socket (the redirect target). Daemon-written.
+    pub peer_cookie: u64,
+    /// Destination's `bytes_acked` value that counts as zero for this direction. Daemon-written.
+    pub acked_base: u64,
+    /// Bytes in flight toward the destination (redirected + relayed − acked) above which the
+    /// program stops redirecting and passes bytes to the daemon instead. Daemon-written.
+    pub high_water: u64,
+    /// Bytes the daemon has relayed from the source's receive queue to the destination.
+    /// Daemon-written.
+    pub relayed: u64,
+    /// Bytes the program redirected to the destination. Program-written.
+    pub redirected: u64,
+    /// Bytes the program passed to the source's receive queue for the daemon. Program-written.
+    pub passed: u64,
+    /// Number of times the program closed the gate (kernel path to relay). Program-written.
+    pub gate_closures: u64,
+    /// Bytes the destination's receiver had acknowledged when the program last looked (a lower
+    /// bound that lets it skip the lookup while far below the mark). Program-written.
+    pub delivered_seen: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<DirState>() == 64);
+
+/// Value of the socket-cookie map: which direction state a socket is the source of.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockDir {
+    /// Index into the direction array.
+    pub index: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SockDir>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: `DirState` is `repr(C)`, made of `u64`s only, with no padding; any bit pattern is
+    // a valid value.
+    unsafe impl aya::Pod for super::DirState {}
+    // SAFETY: `SockDir` is `repr(C)`, two `u32`s with no implicit padding; any bit pattern is
+    // valid.
+    unsafe impl aya::Pod for super::SockDir {}
+}
