@@ -31,6 +31,7 @@ pub const MAX_DIRS: u32 = MAX_SOCKS;
 /// The first half is written only by the daemon, the second half only by the verdict program,
 /// so neither side ever overwrites the other's fields. Both sides reach the same memory: the
 /// daemon maps the array with `mmap`, the program gets a pointer from `bpf_map_lookup_elem`.
+/// Reserved fields keep room for later versions without changing the layout.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirState {
@@ -38,12 +39,17 @@ pub struct DirState {
     pub peer_cookie: u64,
     /// Destination's `bytes_acked` value that counts as zero for this direction. Daemon-written.
     pub acked_base: u64,
-    /// Bytes in flight toward the destination (redirected + relayed − acked) above which the
-    /// program stops redirecting and passes bytes to the daemon instead. Daemon-written.
+    /// Bytes in flight toward the destination (redirected + relayed − delivered) above which
+    /// the program stops redirecting and passes bytes to the daemon instead. Daemon-written.
     pub high_water: u64,
+    /// Once the gate is closed, the in-flight bytes must fall to this mark before the program
+    /// redirects again. Daemon-written.
+    pub low_water: u64,
     /// Bytes the daemon has relayed from the source's receive queue to the destination.
     /// Daemon-written.
     pub relayed: u64,
+    /// Reserved for the daemon, zero.
+    pub _daemon_reserved: [u64; 3],
     /// Bytes the program redirected to the destination. Program-written.
     pub redirected: u64,
     /// Bytes the program passed to the source's receive queue for the daemon. Program-written.
@@ -53,9 +59,13 @@ pub struct DirState {
     /// Bytes the destination's receiver had acknowledged when the program last looked (a lower
     /// bound that lets it skip the lookup while far below the mark). Program-written.
     pub delivered_seen: u64,
+    /// Non-zero while the gate is closed. Program-written.
+    pub gated: u64,
+    /// Reserved for the program, zero.
+    pub _program_reserved: [u64; 3],
 }
 
-const _: () = assert!(core::mem::size_of::<DirState>() == 64);
+const _: () = assert!(core::mem::size_of::<DirState>() == 128);
 
 /// Value of the socket-cookie map: which direction state a socket is the source of.
 #[repr(C)]

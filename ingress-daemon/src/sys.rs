@@ -1,1 +1,579 @@
-//! placeholder
+//! Raw socket, epoll and memory-mapping calls: every `unsafe` block of the daemon lives here.
+//!
+//! Each function takes borrowed file descriptors and returns `io::Result`, so callers never
+//! touch raw pointers. Socket options that `socket2` wraps safely are set through it (also from
+//! here, so all socket tuning is found in one module).
+
+use std::{
+    io,
+    mem::{MaybeUninit, size_of},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    ptr::NonNull,
+    time::Duration,
+};
+
+use socket2::{SockRef, TcpKeepalive};
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    usize::try_from(ret).map_err(|_| io::Error::last_os_error())
+}
+
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a writable buffer of `len` bytes that outlives the call; the kernel
+    // writes at most `len` bytes. `T` is a plain integer type for every caller, so a zeroed or
+    // partly written value is valid.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    // SAFETY: zero-initialised above and `T` is plain data.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: T,
+) -> io::Result<()> {
+    // SAFETY: `value` is a readable `T` for the duration of the call and its size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// The socket's cookie (`SO_COOKIE`): a 64-bit ID that is unique for the life of the kernel and
+/// is what the eBPF program sees as `bpf_get_socket_cookie`.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// The two `TCP_INFO` byte counters the splice engine relies on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// `tcpi_bytes_acked`: bytes sent and acknowledged by the peer (an active opener counts its
+    /// SYN as one, and a FIN counts as one).
+    pub bytes_acked: u64,
+    /// `tcpi_bytes_received`: bytes received in order (a FIN counts as one).
+    pub bytes_received: u64,
+}
+
+/// Offsets of the counters in `struct tcp_info` (stable kernel ABI since 4.1 / 4.2).
+const TCPI_BYTES_ACKED: usize = 120;
+const TCPI_BYTES_RECEIVED: usize = 128;
+
+/// Reads `bytes_acked` and `bytes_received` from `TCP_INFO`.
+pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most `len` bytes and
+    // updates `len` with the count.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    let read = |offset: usize| -> io::Result<u64> {
+        buf.get(offset..offset + 8)
+            .filter(|_| (len as usize) >= offset + 8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map(u64::from_ne_bytes)
+            .ok_or_else(|| io::Error::other("kernel tcp_info too short for byte counters"))
+    };
+    Ok(TcpCounters {
+        bytes_acked: read(TCPI_BYTES_ACKED)?,
+        bytes_received: read(TCPI_BYTES_RECEIVED)?,
+    })
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both requests write one `int` through the pointer.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut value) })?;
+    Ok(u64::try_from(value).unwrap_or(0))
+}
+
+/// Bytes in the send queue not yet acknowledged (`SIOCOUTQ`).
+pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, libc::TIOCOUTQ)
+}
+
+/// Bytes readable in the receive queue (`SIOCINQ`). Unreliable once the socket is in a
+/// sockhash (0 on 6.12+, still counted on 6.1): only use it before insertion.
+pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD)
+}
+
+/// Sets `SO_RCVLOWAT`. Setting it (to 1) after a socket entered the sockhash makes the kernel
+/// run the verdict over bytes that were queued before the insertion (kernel ≥ 5.x; without it
+/// they wait for the next segment).
+pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: libc::c_int) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+}
+
+/// The pending socket error (`SO_ERROR`), cleared by reading it.
+pub fn take_socket_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let errno = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((errno != 0).then(|| io::Error::from_raw_os_error(errno)))
+}
+
+/// Makes the next `close` send a RST instead of a FIN (`SO_LINGER {1, 0}`).
+pub fn set_reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&fd).set_linger(Some(Duration::ZERO))
+}
+
+/// Liveness settings for a spliced socket, whose traffic userspace never sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    /// Idle time before the first keepalive probe.
+    pub keepalive_idle: Duration,
+    /// Time between keepalive probes.
+    pub keepalive_interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub keepalive_probes: u32,
+    /// Longest time sent data may stay unacknowledged (`TCP_USER_TIMEOUT`).
+    pub user_timeout: Duration,
+}
+
+/// Applies keepalive and `TCP_USER_TIMEOUT` so that a dead peer ends the flow with
+/// `ETIMEDOUT` instead of holding two file descriptors forever.
+pub fn set_liveness(fd: BorrowedFd<'_>, liveness: &Liveness) -> io::Result<()> {
+    let sock = SockRef::from(&fd);
+    let keepalive = TcpKeepalive::new()
+        .with_time(liveness.keepalive_idle)
+        .with_interval(liveness.keepalive_interval)
+        .with_retries(liveness.keepalive_probes);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_keepalive(true)?;
+    sock.set_tcp_user_timeout(Some(liveness.user_timeout))
+}
+
+/// Sets `TCP_NODELAY`.
+pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&fd).set_tcp_nodelay(true)
+}
+
+/// Shuts down the write half (sends a FIN once queued data is out).
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a borrowed descriptor.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) })?;
+    Ok(())
+}
+
+/// Non-blocking `recv` into `buf`; `Ok(0)` is end of stream.
+pub fn recv_nonblocking(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for `buf.len()` bytes for the duration of the call.
+    cvt_size(unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    })
+}
+
+/// Non-blocking `send` of `buf` without `SIGPIPE`.
+pub fn send_nonblocking(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is readable for `buf.len()` bytes for the duration of the call.
+    cvt_size(unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// An epoll instance.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+/// Events the splice engine asks epoll for.
+pub mod events {
+    /// Readable: passed or relayed bytes wait in the receive queue.
+    pub const IN: u32 = libc::EPOLLIN as u32;
+    /// Writable: a blocked relay may continue.
+    pub const OUT: u32 = libc::EPOLLOUT as u32;
+    /// The peer shut down its write half (FIN).
+    pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
+    /// Both halves closed.
+    pub const HUP: u32 = libc::EPOLLHUP as u32;
+    /// A pending socket error (RST, timeout).
+    pub const ERR: u32 = libc::EPOLLERR as u32;
+    /// Edge-triggered.
+    pub const ET: u32 = libc::EPOLLET as u32;
+}
+
+/// One event returned by [`Epoll::wait`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EpollEvent {
+    /// The `events` bitmask (see [`events`]).
+    pub events: u32,
+    /// The token given at registration.
+    pub token: u64,
+}
+
+impl Epoll {
+    /// Creates an epoll instance (close-on-exec).
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; on success we own the returned descriptor.
+        let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: `event` is valid for the duration of the call.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) })?;
+        Ok(())
+    }
+
+    /// Registers `fd`. Readiness that already holds is reported at once (no event is lost).
+    pub fn add(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), events, token)
+    }
+
+    /// Changes the events of a registered `fd`.
+    pub fn modify(&self, fd: BorrowedFd<'_>, events: u32, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd.as_raw_fd(), events, token)
+    }
+
+    /// Removes `fd` (closing it removes it too).
+    pub fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd.as_raw_fd(), 0, 0)
+    }
+
+    /// Collects ready events without blocking; returns how many were written to `out`.
+    pub fn wait_now(&self, out: &mut [EpollEvent]) -> io::Result<usize> {
+        let mut raw = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        let max = out.len().min(raw.len());
+        // SAFETY: `raw` holds `max` writable events.
+        let n = cvt(unsafe {
+            libc::epoll_wait(self.fd.as_raw_fd(), raw.as_mut_ptr(), max as libc::c_int, 0)
+        })?;
+        let n = usize::try_from(n).unwrap_or(0);
+        for (dst, src) in out.iter_mut().zip(raw.iter().take(n)) {
+            *dst = EpollEvent {
+                events: src.events,
+                token: src.u64,
+            };
+        }
+        Ok(n)
+    }
+}
+
+impl AsFd for Epoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A shared, read-write memory mapping of a file (an mmapable BPF array map).
+#[derive(Debug)]
+pub struct SharedMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all accesses through it go through atomics.
+unsafe impl Send for SharedMapping {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMapping {}
+
+impl SharedMapping {
+    /// Maps `len` bytes of `fd` from offset 0, shared and writable.
+    pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never, once created).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the region mapped in `new`; nothing borrows it past `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Number of open file descriptors of this process (entries of `/proc/self/fd`).
+pub fn open_fd_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?
+        .count()
+        .saturating_sub(1))
+}
+
+/// The soft and hard `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid out-pointer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (_, hard) = nofile_limit()?;
+    let limit = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: `limit` is a valid in-pointer.
+    cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) })?;
+    Ok(hard)
+}
+
+/// Arguments of the `BPF_MAP_*_ELEM` commands (`union bpf_attr`, stable ABI).
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+
+fn bpf_map_elem(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: &[u8],
+    value: u64,
+    flags: u64,
+) -> io::Result<()> {
+    let attr = MapElemAttr {
+        map_fd: u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::other("negative map fd"))?,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value,
+        flags,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for the element commands; `key` (and the
+    // value buffer, which callers size to the map's value size) outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw const attr,
+            size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `BPF_MAP_UPDATE_ELEM`: sets `key` to `value` (whose length must be the map's value size).
+/// Map updates are safe from any thread, so no lock is needed around them.
+pub fn bpf_map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    bpf_map_elem(BPF_MAP_UPDATE_ELEM, map, key, value.as_ptr() as u64, flags)
+}
+
+/// `BPF_MAP_DELETE_ELEM`.
+pub fn bpf_map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<()> {
+    bpf_map_elem(BPF_MAP_DELETE_ELEM, map, key, 0, 0)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` into `value` (sized to the map's value size); `Ok(false)` when absent.
+pub fn bpf_map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    match bpf_map_elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr() as u64, 0) {
+        Ok(()) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+impl SharedMapping {
+    /// The `AtomicU64` at byte `offset`, or `None` when out of bounds or misaligned.
+    pub fn atomic_u64(&self, offset: usize) -> Option<&std::sync::atomic::AtomicU64> {
+        if !offset.is_multiple_of(8) || offset.checked_add(8)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds and 8-byte aligned (the mapping is page-aligned); the memory is
+        // shared with the kernel, which only ever accesses these words as whole `u64`s, so
+        // treating them as atomics is sound. The reference lives no longer than `self`.
+        Some(unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(offset)
+                .cast::<std::sync::atomic::AtomicU64>()
+        })
+    }
+}
+
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// `BPF_MAP_GET_NEXT_KEY` for maps with `u64` keys: the key after `key` (the first key when
+/// `None`), or `None` at the end.
+pub fn bpf_map_next_key(map: BorrowedFd<'_>, key: Option<u64>) -> io::Result<Option<u64>> {
+    let mut next = 0u64;
+    let current = key.unwrap_or(0).to_ne_bytes();
+    let attr = MapElemAttr {
+        map_fd: u32::try_from(map.as_raw_fd()).map_err(|_| io::Error::other("negative map fd"))?,
+        _pad: 0,
+        key: if key.is_some() {
+            current.as_ptr() as u64
+        } else {
+            0
+        },
+        value: (&raw mut next) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix; `current` and `next` outlive the call and
+    // are eight bytes, the key size of the maps this is used on.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_NEXT_KEY,
+            &raw const attr,
+            size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(None);
+        }
+        return Err(err);
+    }
+    Ok(Some(next))
+}
+
+impl Epoll {
+    /// Creates an epoll instance registered (readable) in the current tokio reactor.
+    pub fn new_async() -> io::Result<tokio::io::unix::AsyncFd<Self>> {
+        let epoll = Self::new()?;
+        // SAFETY: `Epoll` owns its descriptor, never replaces it, and closes it only on drop,
+        // after the `AsyncFd` has deregistered it; `as_raw_fd` always returns that descriptor.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| io::Error::other(err.to_string()))
+    }
+}
+
+/// The receive buffer size (`SO_RCVBUF`, as the kernel reports it: twice the requested value).
+pub fn rcvbuf(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    Ok(usize::try_from(getsockopt::<libc::c_int>(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+    )?)
+    .unwrap_or(0))
+}
+
+/// Sets `SO_RCVBUF` (the kernel doubles it and clamps it to its minimum; this also turns off
+/// receive-buffer autotuning for the socket).
+pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+        libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
+    )
+}
+
+/// Sets `TCP_QUICKACK`, which also sends a pending window update at once.
+pub fn quickack(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1 as libc::c_int)
+}
+
+/// The receive window clamp (`TCP_WINDOW_CLAMP`).
+pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(u32::try_from(getsockopt::<libc::c_int>(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_WINDOW_CLAMP,
+    )?)
+    .unwrap_or(0))
+}
+
+/// Sets `TCP_WINDOW_CLAMP`: the receive window offered to the peer never exceeds it (the kernel
+/// raises tiny values to half its minimum buffer, which is still below one segment, so the
+/// offered window becomes zero). Unlike shrinking `SO_RCVBUF`, it leaves the memory the socket
+/// may queue unchanged.
+pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_WINDOW_CLAMP,
+        libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
+    )
+}

@@ -9,7 +9,8 @@
 //! - the daemon still holds bytes it has not relayed (`passed != relayed`): a redirected skb
 //!   would overtake them;
 //! - or the bytes in flight toward the peer (`redirected + relayed − acked by the peer's
-//!   receiver`) exceed the direction's high-water mark. Redirects are not backpressured by the
+//!   receiver`) exceed the direction's high-water mark (once gated: until they fall to the
+//!   low-water mark). Redirects are not backpressured by the
 //!   kernel (the peer's psock queue grows without bound), so this gate is what keeps a fast
 //!   sender behind a slow receiver from filling kernel memory: passed bytes are charged to the
 //!   source's receive buffer, its window closes and the sender slows down.
@@ -85,15 +86,19 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         let relayed = read_volatile(addr_of!((*state).relayed));
         let passed = (*state).passed;
         if passed != relayed {
-            (*state).passed = passed + len;
-            return SK_PASS;
+            return pass(state, passed, len);
         }
-        let high_water = read_volatile(addr_of!((*state).high_water));
         let redirected = (*state).redirected;
+        let gated = (*state).gated != 0;
+        let mark = if gated {
+            read_volatile(addr_of!((*state).low_water))
+        } else {
+            read_volatile(addr_of!((*state).high_water))
+        };
         // `delivered_seen` only grows, so this estimate never undercounts the lag; the peer's
         // counter is read only when the estimate crosses the mark.
-        let mut lag = (redirected + relayed).saturating_sub((*state).delivered_seen);
-        if lag + len > high_water {
+        let in_flight = (redirected + relayed).saturating_sub((*state).delivered_seen);
+        if in_flight + len > mark {
             let peer = read_volatile(addr_of!((*state).peer_cookie));
             let acked_base = read_volatile(addr_of!((*state).acked_base));
             let Some(acked) = peer_bytes_acked(peer) else {
@@ -101,21 +106,24 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
             };
             let delivered = acked.saturating_sub(acked_base);
             (*state).delivered_seen = delivered;
-            lag = (redirected + relayed).saturating_sub(delivered);
-            if lag + len > high_water {
-                (*state).gate_closures += 1;
+            if (redirected + relayed).saturating_sub(delivered) + len > mark {
+                if !gated {
+                    (*state).gated = 1;
+                    (*state).gate_closures += 1;
+                }
                 return pass(state, passed, len);
             }
         }
+        if gated {
+            (*state).gated = 0;
+        }
         let mut peer = read_volatile(addr_of!((*state).peer_cookie));
-        let verdict = SOCKS.redirect_skb(ctx, &mut peer, 0);
-        if verdict as u32 == SK_PASS {
-            (*state).redirected = redirected + len;
-        } else {
+        if SOCKS.redirect_skb(ctx, &mut peer, 0) as u32 != SK_PASS {
             // The peer left the sockhash: keep the bytes for the daemon rather than drop them.
             return pass(state, passed, len);
         }
-        verdict as u32
+        (*state).redirected = redirected + len;
+        SK_PASS
     }
 }
 

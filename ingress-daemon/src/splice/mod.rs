@@ -1,1 +1,514 @@
-//! placeholder
+//! The splice engine: carries the bytes of an established client/backend socket pair until
+//! both directions end, inside the kernel when it can.
+//!
+//! ```text
+//!   Engine::splice(client, backend)
+//!        │  kernel path: cookies, baselines, SOCK_DIR, SOCKS (backend first), nudge
+//!        ▼
+//!   shard (one tokio task, one epoll)  ◀── EPOLLIN/RDHUP/ERR per socket, edge-triggered
+//!        │  flow.rs: relay passed bytes, propagate FIN once covered, RST as RST
+//!        ▼
+//!   on_end(FlowOutcome)               bytes each way per path, end reason, duration
+//! ```
+//!
+//! The eBPF program is loaded once per engine. Offload `auto` uses the kernel path when the
+//! program loads and the userspace relay otherwise (with a logged reason); `off` always
+//! relays; `required` refuses to start without the kernel path. Both paths share one state
+//! machine ([`flow`]) and the same guarantees: byte-exact, half-close only once in-flight
+//! bytes are delivered, RST propagated as RST, bounded bytes in flight per direction (the
+//! kernel path through the verdict's gate, the relay through one bounded buffer).
+//!
+//! # Layout
+//! - `btf`: reads `tcp_sock.bytes_acked`'s offset from the kernel's BTF.
+//! - `ebpf`: loads the program, owns the maps, inserts and removes flows.
+//! - `flow`: one flow's state machine.
+//! - `shard`: the event loop driving a set of flows.
+
+mod btf;
+mod ebpf;
+mod flow;
+mod shard;
+
+use std::{
+    fmt,
+    os::fd::OwnedFd,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+pub use ebpf::LoadError;
+
+use crate::sys;
+
+/// Whether flows are spliced in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Offload {
+    /// Kernel path when the eBPF program loads, userspace relay otherwise.
+    #[default]
+    Auto,
+    /// Always the userspace relay.
+    Off,
+    /// Kernel path or refuse to start.
+    Required,
+}
+
+impl FromStr for Offload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            "required" => Ok(Self::Required),
+            other => Err(format!(
+                "offload must be auto, off or required, not {other:?}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Offload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Off => "off",
+            Self::Required => "required",
+        })
+    }
+}
+
+/// Settings of the splice engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Offload mode.
+    pub offload: Offload,
+    /// Bytes in flight per direction (redirected or relayed, not yet acknowledged by the
+    /// destination's receiver) above which the kernel path stops redirecting.
+    pub high_water_bytes: u64,
+    /// Once stopped, the in-flight bytes must fall to this mark before redirecting resumes.
+    pub low_water_bytes: u64,
+    /// Size of a relay buffer (one per direction while bytes are held).
+    pub relay_buffer_bytes: usize,
+    /// Keepalive and user timeout for spliced sockets; `None` leaves the sockets as they are.
+    pub liveness: Option<sys::Liveness>,
+    /// Number of event loops.
+    pub shards: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            offload: Offload::Auto,
+            high_water_bytes: 32 << 20,
+            low_water_bytes: 8 << 20,
+            relay_buffer_bytes: 64 << 10,
+            liveness: Some(sys::Liveness {
+                keepalive_idle: Duration::from_secs(60),
+                keepalive_interval: Duration::from_secs(10),
+                keepalive_probes: 6,
+                user_timeout: Duration::from_secs(300),
+            }),
+            shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Which path carried a flow's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Path {
+    /// The sk_skb verdict on the sockhash (plus the relay for bytes it passed while gated).
+    Sockmap = 0,
+    /// The userspace relay only.
+    Userspace = 1,
+}
+
+impl Path {
+    /// Stable lower-case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sockmap => "sockmap",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+/// Bytes of one direction, by who moved them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionBytes {
+    /// Redirected by the verdict program.
+    pub kernel: u64,
+    /// Relayed by the daemon.
+    pub relayed: u64,
+}
+
+impl DirectionBytes {
+    /// All bytes of the direction.
+    pub fn total(&self) -> u64 {
+        self.kernel + self.relayed
+    }
+}
+
+/// How a flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// Both directions ended with a FIN, delivered.
+    Closed,
+    /// The client reset its connection; the backend was reset.
+    ClientReset,
+    /// The backend reset its connection; the client was reset.
+    BackendReset,
+    /// The client stopped answering (keepalive or user timeout).
+    ClientTimeout,
+    /// The backend stopped answering.
+    BackendTimeout,
+    /// Another error on the client socket.
+    ClientError,
+    /// Another error on the backend socket.
+    BackendError,
+    /// The daemon stopped before the flow ended; both sides were reset.
+    Shutdown,
+}
+
+impl FlowEnd {
+    /// Stable lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::ClientReset => "client_reset",
+            Self::BackendReset => "backend_reset",
+            Self::ClientTimeout => "client_timeout",
+            Self::BackendTimeout => "backend_timeout",
+            Self::ClientError => "client_error",
+            Self::BackendError => "backend_error",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The report of a finished flow.
+#[derive(Clone, Debug)]
+pub struct FlowOutcome {
+    /// Engine-assigned flow ID.
+    pub id: u64,
+    /// Path that carried it.
+    pub path: Path,
+    /// Client → backend bytes.
+    pub client_to_backend: DirectionBytes,
+    /// Backend → client bytes.
+    pub backend_to_client: DirectionBytes,
+    /// How it ended.
+    pub end: FlowEnd,
+    /// Time from hand-off to end.
+    pub duration: Duration,
+    /// Times the kernel path's gate closed (backpressure episodes).
+    pub gate_closures: u64,
+}
+
+/// A live flow, for listings.
+#[derive(Clone, Debug)]
+pub struct FlowInfo {
+    /// Engine-assigned flow ID.
+    pub id: u64,
+    /// Path carrying it.
+    pub path: Path,
+    /// Time since hand-off.
+    pub age: Duration,
+    /// Client → backend bytes so far.
+    pub client_to_backend: DirectionBytes,
+    /// Backend → client bytes so far.
+    pub backend_to_client: DirectionBytes,
+    /// Whether a direction is gated (backpressure) now.
+    pub gated: bool,
+    /// Times the gate closed.
+    pub gate_closures: u64,
+}
+
+/// Bytes userspace consumed from each socket before the hand-off (e.g. a Postgres
+/// SSLRequest it answered). Bytes it only peeked are not consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Preamble {
+    /// Bytes read from the client socket.
+    pub client_consumed: u64,
+    /// Bytes read from the backend socket.
+    pub backend_consumed: u64,
+}
+
+/// Called once with the outcome when a flow ends.
+pub type OnEnd = Box<dyn FnOnce(FlowOutcome) + Send>;
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Offload is `required` and the kernel path is unavailable.
+    #[error("offload is required but the kernel path is unavailable: {0}")]
+    OffloadUnavailable(#[source] LoadError),
+    /// An event loop could not be created.
+    #[error("creating a splice event loop: {0}")]
+    Shard(#[source] std::io::Error),
+}
+
+/// Why a flow could not be handed over. The sockets are closed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// A system call failed.
+    #[error("{call}: {source}")]
+    Sys {
+        /// The call.
+        call: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The kernel maps are full.
+    #[error("the kernel flow table is full")]
+    MapFull,
+    /// The engine is shutting down.
+    #[error("the splice engine is shutting down")]
+    ShuttingDown,
+}
+
+/// Counters kept by the engine (read by metrics).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    active: [AtomicU64; 2],
+    started: [AtomicU64; 2],
+    kernel_bytes: AtomicU64,
+    relayed_bytes: AtomicU64,
+}
+
+impl EngineStats {
+    /// Live flows on `path`.
+    pub fn active(&self, path: Path) -> u64 {
+        self.active[path as usize].load(Ordering::Relaxed)
+    }
+
+    /// Flows handed to `path` since start.
+    pub fn started(&self, path: Path) -> u64 {
+        self.started[path as usize].load(Ordering::Relaxed)
+    }
+
+    /// Bytes of finished flows redirected by the kernel.
+    pub fn kernel_bytes(&self) -> u64 {
+        self.kernel_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of finished flows relayed by the daemon.
+    pub fn relayed_bytes(&self) -> u64 {
+        self.relayed_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// A flow on its way to a shard.
+struct NewFlow {
+    id: u64,
+    client: OwnedFd,
+    backend: OwnedFd,
+    kernel: Option<ebpf::KernelFlow>,
+    preamble: Preamble,
+    on_end: Option<OnEnd>,
+}
+
+/// The splice engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    kernel: Option<Arc<ebpf::KernelPath>>,
+    /// Why the kernel path is not used, when it is not.
+    kernel_unavailable: Option<String>,
+    shards: Vec<mpsc::UnboundedSender<shard::Command>>,
+    next_shard: AtomicUsize,
+    next_id: AtomicU64,
+    stats: Arc<EngineStats>,
+}
+
+impl Engine {
+    /// Loads the eBPF program (unless offload is off) and starts the event loops on the
+    /// current tokio runtime.
+    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        let (kernel, kernel_unavailable) = match config.offload {
+            Offload::Off => (None, Some("offload is off".to_owned())),
+            Offload::Auto => match ebpf::KernelPath::load() {
+                Ok(path) => (Some(Arc::new(path)), None),
+                Err(err) => {
+                    warn!(error = %err, "kernel splice unavailable, relaying in userspace");
+                    (None, Some(err.to_string()))
+                }
+            },
+            Offload::Required => match ebpf::KernelPath::load() {
+                Ok(path) => (Some(Arc::new(path)), None),
+                Err(err) => return Err(EngineError::OffloadUnavailable(err)),
+            },
+        };
+        if let Some(path) = &kernel {
+            info!(
+                bytes_acked_offset = path.bytes_acked_offset,
+                "kernel splice ready"
+            );
+        }
+        let stats = Arc::new(EngineStats::default());
+        let mut shards = Vec::new();
+        for _ in 0..config.shards.max(1) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let shard = shard::Shard::new(kernel.clone(), config.relay_buffer_bytes, stats.clone())
+                .map_err(EngineError::Shard)?;
+            tokio::spawn(shard.run(rx));
+            shards.push(tx);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                kernel,
+                kernel_unavailable,
+                shards,
+                next_shard: AtomicUsize::new(0),
+                next_id: AtomicU64::new(1),
+                stats,
+            }),
+        })
+    }
+
+    /// The path new flows take.
+    pub fn path(&self) -> Path {
+        if self.inner.kernel.is_some() {
+            Path::Sockmap
+        } else {
+            Path::Userspace
+        }
+    }
+
+    /// Why the kernel path is not in use, if it is not.
+    pub fn kernel_unavailable_reason(&self) -> Option<&str> {
+        self.inner.kernel_unavailable.as_deref()
+    }
+
+    /// Engine counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.inner.stats
+    }
+
+    /// Entries in the kernel's cookie map and sockhash, when the kernel path is loaded.
+    pub fn map_occupancy(&self) -> Option<(usize, usize)> {
+        self.inner.kernel.as_ref().map(|k| k.map_occupancy())
+    }
+
+    /// Direction slots in use (two per kernel flow), when the kernel path is loaded.
+    pub fn kernel_dirs_in_use(&self) -> Option<u64> {
+        self.inner.kernel.as_ref().map(|k| k.dirs_in_use())
+    }
+
+    /// Hands an established client/backend pair to the engine; returns the flow ID.
+    /// `on_end` is called once with the outcome. The sockets must not have been partly read:
+    /// only whole messages accounted for in `preamble` may have been consumed.
+    pub fn splice(
+        &self,
+        client: OwnedFd,
+        backend: OwnedFd,
+        preamble: Preamble,
+        on_end: Option<OnEnd>,
+    ) -> Result<u64, SpliceError> {
+        let inner = &*self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(liveness) = &inner.config.liveness {
+            for fd in [&client, &backend] {
+                sys::set_liveness(std::os::fd::AsFd::as_fd(fd), liveness).map_err(|source| {
+                    SpliceError::Sys {
+                        call: "keepalive",
+                        source,
+                    }
+                })?;
+            }
+        }
+        let kernel = match &inner.kernel {
+            Some(path) => Some(path.insert(
+                std::os::fd::AsFd::as_fd(&client),
+                std::os::fd::AsFd::as_fd(&backend),
+                inner.config.high_water_bytes,
+                inner.config.low_water_bytes,
+            )?),
+            None => None,
+        };
+        let shard = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len().max(1);
+        let new = Box::new(NewFlow {
+            id,
+            client,
+            backend,
+            kernel,
+            preamble,
+            on_end,
+        });
+        match inner
+            .shards
+            .get(shard)
+            .map(|tx| tx.send(shard::Command::Add(new)))
+        {
+            Some(Ok(())) => Ok(id),
+            Some(Err(mpsc::error::SendError(shard::Command::Add(new)))) => {
+                if let (Some(path), Some(kflow)) = (&inner.kernel, &new.kernel) {
+                    path.remove(kflow);
+                }
+                Err(SpliceError::ShuttingDown)
+            }
+            _ => Err(SpliceError::ShuttingDown),
+        }
+    }
+
+    /// Lists live flows.
+    pub async fn flows(&self) -> Vec<FlowInfo> {
+        let mut all = Vec::new();
+        for tx in &self.inner.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(shard::Command::Snapshot(reply)).is_ok()
+                && let Ok(flows) = rx.await
+            {
+                all.extend(flows);
+            }
+        }
+        all.sort_by_key(|f| f.id);
+        all
+    }
+
+    /// Changes the water marks of a live kernel flow (both directions). Setting the high mark
+    /// to 0 closes the gate at the next skb; used to exercise pause and resume.
+    pub fn set_water_marks(&self, id: u64, high_water_bytes: u64, low_water_bytes: u64) {
+        for tx in &self.inner.shards {
+            let _ = tx.send(shard::Command::SetMarks {
+                id,
+                high_water: high_water_bytes,
+                low_water: low_water_bytes,
+            });
+        }
+    }
+
+    /// Stops taking flows, lets live flows run for up to `drain`, then resets the rest (both
+    /// sides, so no peer mistakes the cut for a complete stream) and cleans up their map
+    /// entries. Returns when every shard has stopped.
+    pub async fn shutdown(&self, drain: Duration) {
+        let mut waits = Vec::new();
+        for tx in &self.inner.shards {
+            let (done, rx) = oneshot::channel();
+            if tx.send(shard::Command::Shutdown { drain, done }).is_ok() {
+                waits.push(rx);
+            }
+        }
+        for rx in waits {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Takes a tokio stream out of the reactor for [`Engine::splice`].
+pub fn into_owned_fd(stream: tokio::net::TcpStream) -> std::io::Result<OwnedFd> {
+    Ok(stream.into_std()?.into())
+}

@@ -1,0 +1,395 @@
+//! Loads the verdict program once per daemon and manages its maps.
+//!
+//! `KernelPath` owns the loaded object (dropping it detaches the program: aya 0.14 attaches
+//! sk_skb with `BPF_PROG_ATTACH` and detaches on drop), duplicates of the map descriptors for
+//! lock-free element updates from any thread, and the memory-mapped direction array.
+//!
+//! Per flow, [`KernelPath::insert`] does, in this order (DESIGN.md §3):
+//! 1. read both cookies and each socket's write-sequence baseline (`bytes_acked + SIOCOUTQ`,
+//!    taken while nothing else writes to it);
+//! 2. fill two direction slots, point each socket's cookie at its slot;
+//! 3. insert the backend, then the client, into the sockhash (a redirect to a missing key would
+//!    drop acknowledged data);
+//! 4. nudge both with `SO_RCVLOWAT` so bytes queued before insertion go through the verdict.
+
+use std::{
+    collections::VecDeque,
+    mem::offset_of,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData},
+    programs::SkSkb,
+};
+use ingress_common::{
+    BYTES_ACKED_OFFSET_GLOBAL, DIRS_MAP, DirState, MAX_DIRS, SOCK_DIR_MAP, SOCKS_MAP, SockDir,
+    VERDICT_PROGRAM,
+};
+
+use super::{SpliceError, btf};
+use crate::sys;
+
+/// The verdict program object, built by `build.rs`.
+static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ingress-ebpf"));
+
+/// Why the kernel path could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The kernel's BTF lacks what the program needs.
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    /// Loading the object or a map failed (permissions, verifier, kernel too old).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Loading or attaching the program failed.
+    #[error("loading or attaching the verdict program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// The object lacks a map or program the daemon expects.
+    #[error("the eBPF object has no {what} named {name}")]
+    Missing {
+        /// "map" or "program".
+        what: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// A system call failed.
+    #[error("{call}: {source}")]
+    Sys {
+        /// The call.
+        call: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A direction's slot in the shared array.
+pub(crate) type DirIndex = u32;
+
+/// Fields of a direction slot, as atomics in the shared mapping.
+pub(crate) struct DirView<'a> {
+    base: usize,
+    mapping: &'a sys::SharedMapping,
+}
+
+impl DirView<'_> {
+    fn field(&self, offset: usize) -> Option<&AtomicU64> {
+        self.mapping.atomic_u64(self.base + offset)
+    }
+
+    fn load(&self, offset: usize) -> u64 {
+        self.field(offset).map_or(0, |f| f.load(Ordering::Acquire))
+    }
+
+    fn store(&self, offset: usize, value: u64) {
+        if let Some(f) = self.field(offset) {
+            f.store(value, Ordering::Release);
+        }
+    }
+
+    /// Bytes the program redirected.
+    pub(crate) fn redirected(&self) -> u64 {
+        self.load(offset_of!(DirState, redirected))
+    }
+
+    /// Bytes the program passed to the daemon.
+    pub(crate) fn passed(&self) -> u64 {
+        self.load(offset_of!(DirState, passed))
+    }
+
+    /// Times the gate closed.
+    pub(crate) fn gate_closures(&self) -> u64 {
+        self.load(offset_of!(DirState, gate_closures))
+    }
+
+    /// Whether the gate is closed now.
+    pub(crate) fn gated(&self) -> bool {
+        self.load(offset_of!(DirState, gated)) != 0
+    }
+
+    /// The low-water mark.
+    pub(crate) fn low_water(&self) -> u64 {
+        self.load(offset_of!(DirState, low_water))
+    }
+
+    /// The destination baseline.
+    pub(crate) fn acked_base(&self) -> u64 {
+        self.load(offset_of!(DirState, acked_base))
+    }
+
+    /// Publishes the bytes the daemon relayed (written to the destination).
+    pub(crate) fn set_relayed(&self, bytes: u64) {
+        self.store(offset_of!(DirState, relayed), bytes);
+    }
+
+    /// Changes the water marks of a live direction.
+    pub(crate) fn set_marks(&self, high_water: u64, low_water: u64) {
+        self.store(offset_of!(DirState, low_water), low_water);
+        self.store(offset_of!(DirState, high_water), high_water);
+    }
+
+    fn init(&self, state: &DirState) {
+        // Program-written fields first: no socket points at this slot yet.
+        self.store(offset_of!(DirState, redirected), state.redirected);
+        self.store(offset_of!(DirState, passed), state.passed);
+        self.store(offset_of!(DirState, gate_closures), state.gate_closures);
+        self.store(offset_of!(DirState, delivered_seen), state.delivered_seen);
+        self.store(offset_of!(DirState, gated), state.gated);
+        self.store(offset_of!(DirState, relayed), state.relayed);
+        self.store(offset_of!(DirState, peer_cookie), state.peer_cookie);
+        self.store(offset_of!(DirState, acked_base), state.acked_base);
+        self.set_marks(state.high_water, state.low_water);
+    }
+}
+
+/// The loaded verdict program and its maps.
+pub(crate) struct KernelPath {
+    /// Keeps the program loaded and attached.
+    _object: Ebpf,
+    socks: OwnedFd,
+    sock_dir: OwnedFd,
+    dirs: sys::SharedMapping,
+    /// Free direction slots, oldest-freed first, so a slot is reused as late as possible.
+    free: Mutex<VecDeque<DirIndex>>,
+    /// Offset of `bytes_acked` in `struct tcp_sock`, as read from BTF.
+    pub(crate) bytes_acked_offset: u64,
+}
+
+/// The kernel side of one spliced flow.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KernelFlow {
+    /// Cookies of the client and backend sockets.
+    pub(crate) cookies: [u64; 2],
+    /// Direction slots: `[client → backend, backend → client]`.
+    pub(crate) dirs: [DirIndex; 2],
+}
+
+fn map_fd(object: &Ebpf, name: &'static str) -> Result<OwnedFd, LoadError> {
+    let data: &MapData = match object.map(name) {
+        Some(Map::SockHash(data) | Map::HashMap(data) | Map::Array(data)) => data,
+        _ => return Err(LoadError::Missing { what: "map", name }),
+    };
+    data.fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| LoadError::Sys {
+            call: "dup map fd",
+            source,
+        })
+}
+
+impl KernelPath {
+    /// Loads and attaches the verdict program. Fails without privilege (CAP_BPF, CAP_NET_ADMIN,
+    /// CAP_PERFMON) or on kernels without the needed helpers (`bpf_skc_to_tcp_sock`: 5.9+).
+    pub(crate) fn load() -> Result<Self, LoadError> {
+        let offset = btf::kernel_member_offset("tcp_sock", "bytes_acked")?;
+        let offset32 = u32::try_from(offset).map_err(|_| btf::BtfError::Malformed {
+            reason: "tcp_sock.bytes_acked offset out of range",
+        })?;
+        let mut object = EbpfLoader::new()
+            .override_global(BYTES_ACKED_OFFSET_GLOBAL, &offset32, true)
+            .load(PROGRAM_OBJECT)?;
+        let socks = map_fd(&object, SOCKS_MAP)?;
+        let sock_dir = map_fd(&object, SOCK_DIR_MAP)?;
+        let dirs_fd = map_fd(&object, DIRS_MAP)?;
+        let dirs =
+            sys::SharedMapping::new(dirs_fd.as_fd(), MAX_DIRS as usize * size_of::<DirState>())
+                .map_err(|source| LoadError::Sys {
+                    call: "mmap direction array",
+                    source,
+                })?;
+        let socks_map_fd = match object.map(SOCKS_MAP) {
+            Some(map @ Map::SockHash(_)) => aya::maps::SockHash::<_, u64>::try_from(map)
+                .map_err(aya::EbpfError::MapError)?
+                .fd()
+                .try_clone()
+                .map_err(|source| LoadError::Sys {
+                    call: "dup sockhash fd",
+                    source,
+                })?,
+            _ => {
+                return Err(LoadError::Missing {
+                    what: "map",
+                    name: SOCKS_MAP,
+                });
+            }
+        };
+        let program: &mut SkSkb = object
+            .program_mut(VERDICT_PROGRAM)
+            .ok_or(LoadError::Missing {
+                what: "program",
+                name: VERDICT_PROGRAM,
+            })?
+            .try_into()?;
+        program.load()?;
+        program.attach(&socks_map_fd)?;
+        Ok(Self {
+            _object: object,
+            socks,
+            sock_dir,
+            dirs,
+            free: Mutex::new((0..MAX_DIRS).collect()),
+            bytes_acked_offset: offset,
+        })
+    }
+
+    /// View of direction slot `index`.
+    pub(crate) fn dir(&self, index: DirIndex) -> DirView<'_> {
+        DirView {
+            base: index as usize * size_of::<DirState>(),
+            mapping: &self.dirs,
+        }
+    }
+
+    fn alloc(&self) -> Option<[DirIndex; 2]> {
+        let mut free = self.free.lock().ok()?;
+        if free.len() < 2 {
+            return None;
+        }
+        Some([free.pop_front()?, free.pop_front()?])
+    }
+
+    fn release(&self, dirs: [DirIndex; 2]) {
+        if let Ok(mut free) = self.free.lock() {
+            free.extend(dirs);
+        }
+    }
+
+    /// Number of direction slots in use (two per kernel flow).
+    pub(crate) fn dirs_in_use(&self) -> u64 {
+        self.free
+            .lock()
+            .map_or(0, |free| u64::from(MAX_DIRS) - free.len() as u64)
+    }
+
+    /// Hands the two sockets to the kernel. On error nothing stays in the maps.
+    pub(crate) fn insert(
+        &self,
+        client: BorrowedFd<'_>,
+        backend: BorrowedFd<'_>,
+        high_water: u64,
+        low_water: u64,
+    ) -> Result<KernelFlow, SpliceError> {
+        let sys_err = |call: &'static str| move |source| SpliceError::Sys { call, source };
+        let cookies = [
+            sys::socket_cookie(client).map_err(sys_err("SO_COOKIE"))?,
+            sys::socket_cookie(backend).map_err(sys_err("SO_COOKIE"))?,
+        ];
+        let bases = [
+            write_seq_baseline(client).map_err(sys_err("TCP_INFO"))?,
+            write_seq_baseline(backend).map_err(sys_err("TCP_INFO"))?,
+        ];
+        let dirs = self.alloc().ok_or(SpliceError::MapFull)?;
+        // Direction i reads socket i and writes socket 1 - i.
+        for (i, &index) in dirs.iter().enumerate() {
+            self.dir(index).init(&DirState {
+                peer_cookie: cookies[1 - i],
+                acked_base: bases[1 - i],
+                high_water,
+                low_water,
+                ..DirState::default()
+            });
+        }
+        let result = self.insert_maps(cookies, dirs, client, backend);
+        if let Err(err) = result {
+            for cookie in cookies {
+                let _ = sys::bpf_map_delete(self.sock_dir.as_fd(), &cookie.to_ne_bytes());
+                let _ = sys::bpf_map_delete(self.socks.as_fd(), &cookie.to_ne_bytes());
+            }
+            self.release(dirs);
+            return Err(err);
+        }
+        // Bytes queued before insertion wait for the next segment unless nudged.
+        for fd in [backend, client] {
+            sys::set_rcvlowat(fd, 1).map_err(sys_err("SO_RCVLOWAT"))?;
+        }
+        Ok(KernelFlow { cookies, dirs })
+    }
+
+    fn insert_maps(
+        &self,
+        cookies: [u64; 2],
+        dirs: [DirIndex; 2],
+        client: BorrowedFd<'_>,
+        backend: BorrowedFd<'_>,
+    ) -> Result<(), SpliceError> {
+        for (cookie, index) in cookies.iter().zip(dirs) {
+            let value = SockDir { index, _pad: 0 };
+            let bytes = [index.to_ne_bytes(), value._pad.to_ne_bytes()].concat();
+            sys::bpf_map_update(self.sock_dir.as_fd(), &cookie.to_ne_bytes(), &bytes, 0).map_err(
+                |source| SpliceError::Sys {
+                    call: "update SOCK_DIR",
+                    source,
+                },
+            )?;
+        }
+        // Backend first: the client's queued bytes are redirected as soon as it is inserted.
+        for (cookie, fd) in [(cookies[1], backend), (cookies[0], client)] {
+            let raw = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).unwrap_or(u32::MAX);
+            sys::bpf_map_update(
+                self.socks.as_fd(),
+                &cookie.to_ne_bytes(),
+                &raw.to_ne_bytes(),
+                0,
+            )
+            .map_err(|source| SpliceError::Sys {
+                call: "insert into SOCKS",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a flow whose sockets are about to be closed (closing removes them from the
+    /// sockhash; the cookie entries are removed here).
+    pub(crate) fn remove(&self, flow: &KernelFlow) {
+        for cookie in flow.cookies {
+            let _ = sys::bpf_map_delete(self.sock_dir.as_fd(), &cookie.to_ne_bytes());
+        }
+        self.release(flow.dirs);
+    }
+
+    /// Number of entries in the cookie map and the sockhash, by iterating their keys (for
+    /// tests and diagnostics; O(entries)).
+    pub(crate) fn map_occupancy(&self) -> (usize, usize) {
+        (
+            count_keys(self.sock_dir.as_fd()),
+            count_keys(self.socks.as_fd()),
+        )
+    }
+}
+
+fn count_keys(map: BorrowedFd<'_>) -> usize {
+    let mut count = 0;
+    let mut key: Option<u64> = None;
+    while let Ok(Some(next)) = sys::bpf_map_next_key(map, key) {
+        count += 1;
+        key = Some(next);
+        if count > (2 * MAX_DIRS) as usize {
+            break;
+        }
+    }
+    count
+}
+
+/// The socket's write sequence relative to its start (`bytes_acked + SIOCOUTQ`), read while
+/// nothing else writes to it: retried until `bytes_acked` is stable around the `SIOCOUTQ`
+/// read, so an ACK in between cannot make it overcount.
+fn write_seq_baseline(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut acked = sys::tcp_counters(fd)?.bytes_acked;
+    for _ in 0..16 {
+        let queued = sys::outq(fd)?;
+        let again = sys::tcp_counters(fd)?.bytes_acked;
+        if again == acked {
+            return Ok(acked + queued);
+        }
+        acked = again;
+    }
+    Err(std::io::Error::other("send queue never settled"))
+}

@@ -1,0 +1,503 @@
+//! One spliced flow: two sockets, two directions, and the rules for moving each direction's
+//! bytes, half-closing it and tearing the pair down.
+//!
+//! Direction `d` reads socket `d` and writes socket `1 - d` (0 = client, 1 = backend).
+//!
+//! **Kernel path.** The verdict redirects bytes; the daemon only sees bytes the verdict passed
+//! (gate closed, DESIGN.md §3) and relays exactly those: it reads at most `passed − read`
+//! bytes, so it never takes a byte the verdict has not judged. Before writing relayed bytes it
+//! waits until every redirected byte has entered the destination's send queue (`bytes_acked +
+//! SIOCOUTQ` has grown by `redirected + relayed`), so relayed bytes never overtake redirected
+//! ones; it publishes `relayed` only after the write, so the verdict redirects again only once
+//! nothing is held back. A FIN (`EPOLLRDHUP`) is propagated with `shutdown(SHUT_WR)` only after
+//! the destination's write sequence covers everything the source received (`bytes_received`,
+//! which counts the FIN as one byte), because redirection is asynchronous.
+//!
+//! **Userspace path.** The same state machine with every byte relayed: read until `EAGAIN`
+//! into one bounded buffer per direction, write it out, stop reading while the destination is
+//! full (its window then closes the source's), and propagate end of stream after the buffer
+//! drains.
+//!
+//! **Resets.** An error on one socket (RST, `ETIMEDOUT` from keepalive or `TCP_USER_TIMEOUT`)
+//! resets the other: `SO_LINGER {1, 0}` then close.
+
+use std::{
+    io,
+    os::fd::{AsFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use super::{
+    DirectionBytes, FlowEnd, FlowOutcome, Path,
+    ebpf::{KernelFlow, KernelPath},
+};
+use crate::sys::{self, events};
+
+/// A relay buffer with pending bytes `data[start..end]`.
+pub(super) struct RelayBuf {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// Relay buffers of one shard, reused across flows so idle flows hold none.
+pub(super) struct BufferPool {
+    free: Vec<Box<[u8]>>,
+    size: usize,
+}
+
+impl BufferPool {
+    pub(super) fn new(size: usize) -> Self {
+        Self {
+            free: Vec::new(),
+            size: size.max(1024),
+        }
+    }
+
+    fn get(&mut self) -> Box<[u8]> {
+        self.free
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
+    }
+
+    fn put(&mut self, buf: Box<[u8]>) {
+        if self.free.len() < 64 {
+            self.free.push(buf);
+        }
+    }
+}
+
+/// What the shard lends a flow while it handles an event.
+pub(super) struct Cx<'a> {
+    pub(super) kernel: Option<&'a KernelPath>,
+    pub(super) pool: &'a mut BufferPool,
+}
+
+#[derive(Default)]
+struct Dir {
+    /// Bytes userspace read from the source before the flow was handed over.
+    consumed_pre: u64,
+    /// Bytes read from the source by the relay.
+    read: u64,
+    /// Bytes written to the destination by the relay.
+    relayed: u64,
+    /// Read but not yet written.
+    buf: Option<RelayBuf>,
+    /// The source sent a FIN (kernel path: `EPOLLRDHUP`; userspace: `recv` returned 0).
+    fin_seen: bool,
+    /// `recv` returned 0.
+    eof: bool,
+    /// The FIN was propagated to the destination.
+    shut: bool,
+    /// `redirected` value for which the destination was seen to hold every redirected byte.
+    flushed_for: Option<u64>,
+    /// Progress of the way back from the relay to the kernel path.
+    handback: Handback,
+}
+
+/// The way back from the relay to the kernel path, after the gate closed.
+///
+/// The verdict redirects again only once the daemon holds no passed byte (`passed ==
+/// relayed`); while the sender keeps sending, passed bytes keep arriving and that moment never
+/// comes. So as soon as the relay sees the gate closed it clamps the source's receive window far
+/// below one segment (`TCP_WINDOW_CLAMP`): the sender may still fill the window it was already
+/// offered, but no more. The relay empties what was passed; once the destination has drained
+/// to the low-water mark and nothing is held back, it restores the clamp and sends the window
+/// update itself (`TCP_QUICKACK`). The next skb finds nothing held back and is redirected.
+///
+/// The receive buffer must not be shrunk instead: passed skbs are charged to it, and when the
+/// charge fails the kernel parks them on the psock backlog, out of the relay's reach until
+/// memory frees up (a deadlock while the relay waits for them; duplicated bytes were seen on
+/// 6.18 when they were retried).
+#[derive(Clone, Copy, Debug, Default)]
+enum Handback {
+    /// The gate is open (or the relay has not noticed it closing).
+    #[default]
+    Idle,
+    /// The source's window is held closed; the window clamp to restore.
+    Holding { clamp: u32 },
+}
+
+/// Result of handling an event.
+pub(super) enum Step {
+    /// The flow goes on; `recheck` asks for a timer (a condition is polled, not signalled).
+    Continue { recheck: bool },
+    /// The flow is over; the shard closes the sockets and reports the outcome.
+    Done(FlowEnd),
+}
+
+/// One flow's state.
+pub(super) struct Flow {
+    pub(super) id: u64,
+    pub(super) socks: [OwnedFd; 2],
+    pub(super) kernel: Option<KernelFlow>,
+    dirs: [Dir; 2],
+    /// Events currently registered per socket.
+    pub(super) interest: [u32; 2],
+    pub(super) started: Instant,
+    pub(super) on_end: Option<super::OnEnd>,
+    /// Consecutive timer rechecks without progress (backoff exponent).
+    pub(super) backoff: u8,
+}
+
+/// Events every flow socket is registered for; `OUT` is added while a relay write is blocked.
+pub(super) const BASE_EVENTS: u32 = events::IN | events::RDHUP | events::ET;
+
+type Failure = (usize, io::Error);
+
+impl Flow {
+    pub(super) fn new(
+        id: u64,
+        socks: [OwnedFd; 2],
+        kernel: Option<KernelFlow>,
+        consumed_pre: [u64; 2],
+        on_end: Option<super::OnEnd>,
+    ) -> Self {
+        let dir = |consumed_pre| Dir {
+            consumed_pre,
+            ..Dir::default()
+        };
+        Self {
+            id,
+            socks,
+            kernel,
+            dirs: [dir(consumed_pre[0]), dir(consumed_pre[1])],
+            interest: [BASE_EVENTS; 2],
+            started: Instant::now(),
+            on_end,
+            backoff: 0,
+        }
+    }
+
+    /// Which path carries this flow.
+    pub(super) fn path(&self) -> Path {
+        if self.kernel.is_some() {
+            Path::Sockmap
+        } else {
+            Path::Userspace
+        }
+    }
+
+    /// Events wanted per socket now.
+    pub(super) fn wanted_interest(&self) -> [u32; 2] {
+        let mut wanted = [BASE_EVENTS; 2];
+        for d in 0..2 {
+            if self.dirs[d].buf.is_some() {
+                wanted[1 - d] |= events::OUT;
+            }
+        }
+        wanted
+    }
+
+    /// Handles epoll `events` on socket `side`.
+    pub(super) fn on_event(&mut self, side: usize, ev: u32, cx: &mut Cx<'_>) -> Step {
+        if ev & (events::ERR | events::HUP) != 0
+            && let Ok(Some(err)) = sys::take_socket_error(self.socks[side].as_fd())
+        {
+            return self.reset(side, &err);
+        }
+        if ev & (events::RDHUP | events::HUP) != 0 {
+            self.dirs[side].fin_seen = true;
+        }
+        if ev & (events::IN | events::RDHUP | events::HUP) != 0
+            && let Err((failed, err)) = self.pump(side, cx)
+        {
+            return self.reset(failed, &err);
+        }
+        if ev & events::OUT != 0
+            && let Err((failed, err)) = self.pump(1 - side, cx)
+        {
+            return self.reset(failed, &err);
+        }
+        self.progress(cx)
+    }
+
+    /// Re-evaluates conditions that are polled (timer expiry).
+    pub(super) fn on_timer(&mut self, cx: &mut Cx<'_>) -> Step {
+        for d in 0..2 {
+            if let Err((failed, err)) = self.pump(d, cx) {
+                return self.reset(failed, &err);
+            }
+        }
+        self.progress(cx)
+    }
+
+    fn progress(&mut self, cx: &mut Cx<'_>) -> Step {
+        let mut recheck = false;
+        for d in 0..2 {
+            match self.try_finish(d, cx) {
+                Ok(waiting) => recheck |= waiting,
+                Err((failed, err)) => return self.reset(failed, &err),
+            }
+            recheck |= self.dirs[d]
+                .buf
+                .as_ref()
+                .is_some_and(|_| self.kernel.is_some() && self.dirs[d].flushed_for.is_none());
+            recheck |= matches!(self.dirs[d].handback, Handback::Holding { .. });
+        }
+        if self.dirs[0].shut && self.dirs[1].shut {
+            return Step::Done(FlowEnd::Closed);
+        }
+        Step::Continue { recheck }
+    }
+
+    /// Moves relayed bytes of direction `d` until the source is empty or the destination full.
+    fn pump(&mut self, d: usize, cx: &mut Cx<'_>) -> Result<(), Failure> {
+        let (src, dst) = (d, 1 - d);
+        let kernel = self.kernel.zip(cx.kernel);
+        loop {
+            if self.dirs[d].buf.is_some()
+                && let Some((flow, path)) = kernel
+                && !redirects_flushed(&mut self.dirs[d], &flow, path, d, &self.socks[dst])
+                    .map_err(|e| (dst, e))?
+            {
+                return Ok(());
+            }
+            if let Some(buf) = self.dirs[d].buf.as_mut() {
+                let pending = buf.data.get(buf.start..buf.end).unwrap_or(&[]);
+                match sys::send_nonblocking(self.socks[dst].as_fd(), pending) {
+                    Ok(n) => {
+                        buf.start += n;
+                        self.dirs[d].relayed += n as u64;
+                        if let Some((flow, path)) = kernel {
+                            path.dir(flow.dirs[d]).set_relayed(self.dirs[d].relayed);
+                        }
+                        self.backoff = 0;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err((dst, e)),
+                }
+                if buf.start == buf.end
+                    && let Some(done) = self.dirs[d].buf.take()
+                {
+                    cx.pool.put(done.data);
+                }
+                continue;
+            }
+            if self.dirs[d].eof {
+                return Ok(());
+            }
+            let limit = match kernel {
+                Some((flow, path)) => {
+                    self.hand_back(d, &flow, path)?;
+                    let available = path
+                        .dir(flow.dirs[d])
+                        .passed()
+                        .saturating_sub(self.dirs[d].read);
+                    if available == 0 {
+                        return Ok(());
+                    }
+                    usize::try_from(available).unwrap_or(usize::MAX)
+                }
+                None => usize::MAX,
+            };
+            let mut data = cx.pool.get();
+            let want = limit.min(data.len());
+            let slice = data.get_mut(..want).unwrap_or(&mut []);
+            match sys::recv_nonblocking(self.socks[src].as_fd(), slice) {
+                Ok(0) => {
+                    cx.pool.put(data);
+                    self.dirs[d].eof = true;
+                    self.dirs[d].fin_seen = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.dirs[d].read += n as u64;
+                    self.dirs[d].buf = Some(RelayBuf {
+                        data,
+                        start: 0,
+                        end: n,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    cx.pool.put(data);
+                    return Ok(());
+                }
+                Err(e) => {
+                    cx.pool.put(data);
+                    return Err((src, e));
+                }
+            }
+        }
+    }
+
+    /// Steps the way back to the kernel path (see [`Handback`]); called when the relay of
+    /// direction `d` holds no byte.
+    fn hand_back(&mut self, d: usize, flow: &KernelFlow, path: &KernelPath) -> Result<(), Failure> {
+        let (src, dst) = (d, 1 - d);
+        let view = path.dir(flow.dirs[d]);
+        let fd = self.socks[src].as_fd();
+        let dir = &mut self.dirs[d];
+        match dir.handback {
+            Handback::Idle => {
+                if view.gated() && !dir.fin_seen {
+                    let clamp = sys::window_clamp(fd).map_err(|e| (src, e))?;
+                    // The kernel raises 1 to its minimum, below one segment: a zero window.
+                    sys::set_window_clamp(fd, 1).map_err(|e| (src, e))?;
+                    dir.handback = Handback::Holding { clamp };
+                }
+            }
+            Handback::Holding { clamp } => {
+                if dir.read < view.passed() {
+                    return Ok(());
+                }
+                let delivered = sys::tcp_counters(self.socks[dst].as_fd())
+                    .map_err(|e| (dst, e))?
+                    .bytes_acked
+                    .saturating_sub(view.acked_base());
+                let in_flight = (view.redirected() + dir.relayed).saturating_sub(delivered);
+                if in_flight <= view.low_water() || dir.fin_seen {
+                    sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
+                    sys::quickack(fd).map_err(|e| (src, e))?;
+                    dir.handback = Handback::Idle;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Propagates the FIN of direction `d` once it is safe; returns whether it must be polled.
+    fn try_finish(&mut self, d: usize, cx: &mut Cx<'_>) -> Result<bool, Failure> {
+        let dir = &self.dirs[d];
+        if dir.shut || !dir.fin_seen || dir.buf.is_some() {
+            return Ok(false);
+        }
+        let (src, dst) = (d, 1 - d);
+        if let (Some(flow), Some(path)) = (self.kernel.as_ref(), cx.kernel) {
+            let view = path.dir(flow.dirs[d]);
+            if dir.read < view.passed() {
+                // Passed bytes still queued: `pump` moves them first.
+                return Ok(true);
+            }
+            let received = sys::tcp_counters(self.socks[src].as_fd())
+                .map_err(|e| (src, e))?
+                .bytes_received;
+            // `bytes_received` counts the FIN as one byte.
+            let target = received.saturating_sub(1).saturating_sub(dir.consumed_pre);
+            let covered = write_seq(&self.socks[dst])
+                .map_err(|e| (dst, e))?
+                .saturating_sub(view.acked_base());
+            if covered < target {
+                return Ok(true);
+            }
+        } else if !dir.eof {
+            return Ok(false);
+        }
+        match sys::shutdown_write(self.socks[dst].as_fd()) {
+            Ok(()) => {}
+            // The destination is gone: what it had not acknowledged is lost, so report a reset.
+            Err(e) => return Err((dst, e)),
+        }
+        self.dirs[d].shut = true;
+        Ok(false)
+    }
+
+    /// Ends the flow after an error on socket `side`: the other side is reset.
+    fn reset(&mut self, side: usize, err: &io::Error) -> Step {
+        let _ = sys::set_reset_on_close(self.socks[1 - side].as_fd());
+        let timed_out = err.kind() == io::ErrorKind::TimedOut;
+        let reset = matches!(
+            err.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::NotConnected
+        );
+        Step::Done(match (side, timed_out, reset) {
+            (0, true, _) => FlowEnd::ClientTimeout,
+            (_, true, _) => FlowEnd::BackendTimeout,
+            (0, _, true) => FlowEnd::ClientReset,
+            (_, _, true) => FlowEnd::BackendReset,
+            (0, _, _) => FlowEnd::ClientError,
+            _ => FlowEnd::BackendError,
+        })
+    }
+
+    /// Ends the flow because the daemon stops: both sides are reset, so neither peer mistakes
+    /// the cut for a complete stream.
+    pub(super) fn abort(&mut self) {
+        for sock in &self.socks {
+            let _ = sys::set_reset_on_close(sock.as_fd());
+        }
+    }
+
+    /// Bytes moved so far.
+    pub(super) fn bytes(&self, kernel: Option<&KernelPath>) -> [DirectionBytes; 2] {
+        let kernel_bytes = |d: usize| match (self.kernel.as_ref(), kernel) {
+            (Some(flow), Some(path)) => path.dir(flow.dirs[d]).redirected(),
+            _ => 0,
+        };
+        [0, 1].map(|d| DirectionBytes {
+            kernel: kernel_bytes(d),
+            relayed: self.dirs[d].relayed,
+        })
+    }
+
+    /// Times the gate closed, both directions.
+    pub(super) fn gate_closures(&self, kernel: Option<&KernelPath>) -> u64 {
+        match (self.kernel.as_ref(), kernel) {
+            (Some(flow), Some(path)) => {
+                flow.dirs.iter().map(|&i| path.dir(i).gate_closures()).sum()
+            }
+            _ => 0,
+        }
+    }
+
+    /// Whether a direction is gated now.
+    pub(super) fn gated(&self, kernel: Option<&KernelPath>) -> bool {
+        match (self.kernel.as_ref(), kernel) {
+            (Some(flow), Some(path)) => flow.dirs.iter().any(|&i| path.dir(i).gated()),
+            _ => false,
+        }
+    }
+
+    /// The outcome report.
+    pub(super) fn outcome(&self, end: FlowEnd, kernel: Option<&KernelPath>) -> FlowOutcome {
+        let [client_to_backend, backend_to_client] = self.bytes(kernel);
+        FlowOutcome {
+            id: self.id,
+            path: self.path(),
+            client_to_backend,
+            backend_to_client,
+            end,
+            duration: self.started.elapsed(),
+            gate_closures: self.gate_closures(kernel),
+        }
+    }
+}
+
+/// Whether the destination already holds every byte the verdict redirected toward it, so
+/// relayed bytes may follow. Checked once per value of `redirected` (which cannot change while
+/// relayed bytes are held back).
+fn redirects_flushed(
+    dir: &mut Dir,
+    flow: &KernelFlow,
+    path: &KernelPath,
+    d: usize,
+    dst: &OwnedFd,
+) -> io::Result<bool> {
+    let view = path.dir(flow.dirs[d]);
+    let redirected = view.redirected();
+    if dir.flushed_for == Some(redirected) {
+        return Ok(true);
+    }
+    let covered = write_seq(dst)?.saturating_sub(view.acked_base());
+    if covered >= redirected + dir.relayed {
+        dir.flushed_for = Some(redirected);
+        return Ok(true);
+    }
+    dir.flushed_for = None;
+    Ok(false)
+}
+
+/// A lower bound of the socket's write sequence (`bytes_acked` read before `SIOCOUTQ`: an ACK
+/// in between can only make it smaller).
+fn write_seq(fd: &OwnedFd) -> io::Result<u64> {
+    let acked = sys::tcp_counters(fd.as_fd())?.bytes_acked;
+    Ok(acked + sys::outq(fd.as_fd())?)
+}
+
+/// Delay before the `n`th consecutive recheck of a polled condition.
+pub(super) fn recheck_delay(n: u8) -> Duration {
+    Duration::from_micros(100u64 << n.min(7))
+}

@@ -1,0 +1,187 @@
+//! The edges of a flow's life: data queued before the hand-off, half-close, reset.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::Shutdown,
+    time::Duration,
+};
+
+use ingress_daemon::splice::{Engine, FlowEnd, Offload};
+
+use crate::support::{Pattern, drain, engine, outcome, spliced};
+
+fn modes() -> Vec<Offload> {
+    vec![Offload::Required, Offload::Off]
+}
+
+async fn for_each_mode(test: impl Fn(Engine) -> tokio::task::JoinHandle<()>) {
+    for offload in modes() {
+        if let Some(engine) = engine(offload, |_| {}) {
+            eprintln!("offload {offload}");
+            test(engine).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_bytes_before_handoff_arrive_once_without_more_input() {
+    for_each_mode(|engine| {
+        tokio::spawn(async move {
+            let s = spliced(&engine, |client, server| {
+                // Two messages queued on each proxy socket before the hand-off.
+                client.write_all(b"hello ").unwrap();
+                client.write_all(b"world").unwrap();
+                server.write_all(b"banner").unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            });
+            let (mut client, mut server) = (s.client, s.server);
+            tokio::task::spawn_blocking(move || {
+                server
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut got = [0u8; 11];
+                server
+                    .read_exact(&mut got)
+                    .expect("queued bytes arrive without more input");
+                assert_eq!(&got, b"hello world");
+                let mut got = [0u8; 6];
+                client.read_exact(&mut got).unwrap();
+                assert_eq!(&got, b"banner");
+                // Nothing duplicated: the next bytes are the next message.
+                client.write_all(b"!").unwrap();
+                let mut one = [0u8; 1];
+                server.read_exact(&mut one).unwrap();
+                assert_eq!(&one, b"!");
+                client.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(server.read(&mut one).unwrap(), 0);
+                server.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(client.read(&mut one).unwrap(), 0);
+            })
+            .await
+            .unwrap();
+            assert_eq!(outcome(s.done).await.end, FlowEnd::Closed);
+        })
+    })
+    .await;
+}
+
+/// `from_client`: the client half-closes first while the backend keeps sending; otherwise the
+/// reverse.
+async fn half_close(engine: Engine, from_client: bool) {
+    let s = spliced(&engine, |_, _| {});
+    let (closer, mut talker) = if from_client {
+        (s.client, s.server)
+    } else {
+        (s.server, s.client)
+    };
+    tokio::task::spawn_blocking(move || {
+        let total = 64 << 20;
+        let mut closer_r = closer.try_clone().unwrap();
+        let closer_reader = std::thread::spawn(move || drain(&mut closer_r).unwrap());
+        let mut closer_w = closer;
+        let sent = Pattern::new(7).send(&mut closer_w, 3 << 20).unwrap();
+        closer_w.shutdown(Shutdown::Write).unwrap();
+        // The talker sees everything, then end of stream, and only then sends its bytes.
+        let mut talker_r = talker.try_clone().unwrap();
+        assert_eq!(drain(&mut talker_r).unwrap(), (3 << 20, sent));
+        let sent_back = Pattern::new(8).send(&mut talker, total).unwrap();
+        talker.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(closer_reader.join().unwrap(), (total, sent_back));
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome(s.done).await.end, FlowEnd::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_fin_while_backend_sends_loses_nothing() {
+    for_each_mode(|engine| tokio::spawn(half_close(engine, true))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_fin_while_client_sends_loses_nothing() {
+    for_each_mode(|engine| tokio::spawn(half_close(engine, false))).await;
+}
+
+async fn reset(engine: Engine, from_client: bool) {
+    let s = spliced(&engine, |_, _| {});
+    let (resetter, mut victim) = if from_client {
+        (s.client, s.server)
+    } else {
+        (s.server, s.client)
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut r = resetter;
+        r.write_all(b"last words").unwrap();
+        let mut got = [0u8; 10];
+        victim
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        victim.read_exact(&mut got).unwrap();
+        socket2::SockRef::from(&r)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(r);
+        let mut buf = [0u8; 16];
+        let err = victim
+            .read(&mut buf)
+            .expect_err("a reset, not end of stream");
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    })
+    .await
+    .unwrap();
+    let expected = if from_client {
+        FlowEnd::ClientReset
+    } else {
+        FlowEnd::BackendReset
+    };
+    assert_eq!(outcome(s.done).await.end, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_reaches_backend_as_reset() {
+    for_each_mode(|engine| tokio::spawn(reset(engine, true))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_reaches_client_as_reset() {
+    for_each_mode(|engine| tokio::spawn(reset(engine, false))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_resets_live_flows_and_empties_the_maps() {
+    for_each_mode(|engine| {
+        tokio::spawn(async move {
+            let s = spliced(&engine, |_, _| {});
+            let (mut client, mut server) = (s.client, s.server);
+            let (client, server) = tokio::task::spawn_blocking(move || {
+                client.write_all(b"ping").unwrap();
+                let mut got = [0u8; 4];
+                server
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                server.read_exact(&mut got).unwrap();
+                (client, server)
+            })
+            .await
+            .unwrap();
+            engine.shutdown(Duration::from_millis(100)).await;
+            assert_eq!(outcome(s.done).await.end, FlowEnd::Shutdown);
+            tokio::task::spawn_blocking(move || {
+                for mut peer in [client, server] {
+                    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let err = peer.read(&mut [0u8; 4]).expect_err("reset on shutdown");
+                    assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+                }
+            })
+            .await
+            .unwrap();
+            assert_eq!(engine.map_occupancy().unwrap_or((0, 0)), (0, 0));
+            assert_eq!(engine.kernel_dirs_in_use().unwrap_or(0), 0);
+        })
+    })
+    .await;
+}
