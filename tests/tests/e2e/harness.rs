@@ -312,3 +312,20 @@ fn daemon_harness_reports_a_daemon_that_exits_early() {
         "{message}"
     );
 }
+
+/// The harness's own ceiling: 1 GiB each way straight to the bulk server, checksummed. Daemon
+/// throughput figures are only meaningful well below this.
+#[test]
+fn serial_bulk_exchange_moves_1gib_each_way() {
+    let server = BulkServer::start(next_loopback(), Preamble::None).unwrap();
+    let spec = BulkSpec::both_ways(1 << 30, 21);
+    let client = bulk::exchange_with(server.addr(), &spec).unwrap();
+    client.check(spec.up_bytes).unwrap();
+    let side = server.next_report(WAIT).unwrap().side.unwrap();
+    side.check(spec.down_bytes).unwrap();
+    let gbit = (spec.up_bytes + spec.down_bytes) as f64 * 8.0 / client.elapsed.as_secs_f64() / 1e9;
+    eprintln!(
+        "harness direct: 2 GiB in {:?} ({gbit:.1} Gbit/s total)",
+        client.elapsed
+    );
+}
