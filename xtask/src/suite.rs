@@ -45,6 +45,10 @@ pub fn test(ctx: &mut Ctx, no_setup: bool) -> Result<()> {
     result
 }
 
+/// The packages built and tested: the workspace without the eBPF crate, which only builds for
+/// the BPF target (the daemon's build script builds it).
+const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "ingress-ebpf"];
+
 /// The steps of `cargo xtask test`, in order.
 fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
     let mut steps = Vec::new();
@@ -53,10 +57,16 @@ fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
             setup::setup(ctx, Scope::Test, false)
         }));
     }
-    steps.push(Step::required("build ingressd", |ctx| {
+    steps.push(Step::required("build", |ctx| {
+        // Libraries, binaries (ingressd) and test targets at once, so ingressd gets the feature
+        // resolution the tests get (dev-dependencies included). A lone `cargo build -p
+        // ingress-daemon` resolves features differently, which reruns the daemon's build script
+        // and rebuilds the eBPF object from scratch.
         run(ctx
             .cargo()
-            .args(["build", "-p", "ingress-daemon", "--bin", "ingressd"]))
+            .arg("build")
+            .args(PACKAGES)
+            .args(["--lib", "--bins", "--tests"]))
     }));
     let log = skip_log.clone();
     steps.push(Step::independent("tests", move |ctx| {
@@ -73,23 +83,18 @@ fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
     steps
 }
 
-/// `cargo test` over the workspace (the eBPF crate only builds for the BPF target), with the
-/// environment the end-to-end harness reads.
+/// `cargo test` over [`PACKAGES`], with the environment the end-to-end harness reads.
 fn cargo_test(ctx: &Ctx, skip_log: &PathBuf) -> Command {
     let mut cmd = ctx.cargo();
-    cmd.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "ingress-ebpf",
-        "--no-fail-fast",
-    ])
-    // The binary the "build ingressd" step just built: the harness then runs no cargo itself.
-    .env(
-        "INGRESSD_BIN",
-        ctx.target_dir().join("debug").join("ingressd"),
-    )
-    .env("INGRESS_TEST_SKIP_LOG", skip_log);
+    cmd.arg("test")
+        .args(PACKAGES)
+        .arg("--no-fail-fast")
+        // The binary the build step made: the harness then runs no cargo itself.
+        .env(
+            "INGRESSD_BIN",
+            ctx.target_dir().join("debug").join("ingressd"),
+        )
+        .env("INGRESS_TEST_SKIP_LOG", skip_log);
     if env::var_os("RUST_BACKTRACE").is_none() {
         cmd.env("RUST_BACKTRACE", "1");
     }
