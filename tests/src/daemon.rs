@@ -15,9 +15,11 @@
 //!
 //! # Which binary
 //! `INGRESSD_BIN` if set (`cargo xtask test` builds the daemon first and sets it). Otherwise the
-//! harness runs `cargo build -p ingress-daemon --bin ingressd` once per test process, for the
-//! profile and target directory of the running test binary, and uses
-//! `<target>/<profile>/ingressd` — so a plain `cargo test` never runs a stale daemon.
+//! harness runs, once per test process, the build `cargo xtask test` runs (`cargo build
+//! --workspace --exclude ingress-ebpf --lib --bins --tests`, for the profile and target directory
+//! of the running test binary) and uses `<target>/<profile>/ingressd` — so a plain `cargo test`
+//! never runs a stale daemon. The package selection matters: another feature resolution reruns
+//! the daemon's build script, which rebuilds the eBPF object from scratch (minutes).
 use std::{
     env,
     net::SocketAddr,
@@ -395,10 +397,12 @@ fn build_ingressd() -> Result<PathBuf> {
         .args([
             "build",
             "--quiet",
-            "-p",
-            "ingress-daemon",
-            "--bin",
-            "ingressd",
+            "--workspace",
+            "--exclude",
+            "ingress-ebpf",
+            "--lib",
+            "--bins",
+            "--tests",
             "--target-dir",
         ])
         .arg(&target_dir);
@@ -413,13 +417,13 @@ fn build_ingressd() -> Result<PathBuf> {
     }
     eprintln!("building ingressd ({profile}) for the end-to-end tests");
     let out = run_capture(
-        "cargo build -p ingress-daemon",
+        "cargo build (for ingressd)",
         &mut cmd,
         Duration::from_secs(3600),
     )?;
     if !out.status.success() {
         return Err(Error::Process {
-            what: "cargo build -p ingress-daemon".to_owned(),
+            what: "cargo build (for ingressd)".to_owned(),
             detail: format!("{}\n{}", out.status, out.stderr),
         });
     }
