@@ -64,10 +64,12 @@ impl Ctx {
             .find(|p| is_executable(p))
     }
 
-    /// A command for `program` with the children's `PATH`, run from the workspace root.
+    /// A command for `program` with the children's `PATH`, run from the workspace root, without
+    /// what `cargo run` added to this process's environment (see [`clean_cargo_run_env`]).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new(program);
         cmd.env("PATH", &self.path).current_dir(&self.root);
+        clean_cargo_run_env(&mut cmd, &self.target_dir());
         cmd
     }
 
@@ -83,6 +85,48 @@ impl Ctx {
             Some(dir) if Path::new(&dir).is_absolute() => PathBuf::from(dir),
             Some(dir) => self.root.join(dir),
             None => self.root.join("target"),
+        }
+    }
+}
+
+/// Removes from `cmd`'s environment what `cargo run` and rustup set for xtask itself
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, `LD_LIBRARY_PATH` entries, the toolchain rustup chose by
+/// default). A nested cargo would otherwise see them: build scripts that watch such variables
+/// (ring watches `CARGO_MANIFEST_DIR`) rerun, and the crates above them rebuild, every time the
+/// environment flips between `cargo xtask` and a plain `cargo`.
+pub fn clean_cargo_run_env(cmd: &mut Command, target_dir: &Path) {
+    for (key, _) in env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO"
+                    | "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    if env::var_os("RUSTUP_TOOLCHAIN_SOURCE").is_some_and(|s| s == "default") {
+        cmd.env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTUP_TOOLCHAIN_SOURCE");
+    }
+    if let Some(paths) = env::var_os("LD_LIBRARY_PATH") {
+        let rustup_home = env::var_os("RUSTUP_HOME").map(PathBuf::from);
+        let kept: Vec<PathBuf> = env::split_paths(&paths)
+            .filter(|p| !p.starts_with(target_dir))
+            .filter(|p| !rustup_home.as_ref().is_some_and(|home| p.starts_with(home)))
+            .collect();
+        match env::join_paths(&kept) {
+            Ok(joined) if !kept.is_empty() => {
+                cmd.env("LD_LIBRARY_PATH", joined);
+            }
+            _ => {
+                cmd.env_remove("LD_LIBRARY_PATH");
+            }
         }
     }
 }
@@ -150,7 +194,7 @@ pub fn output_if_ok(cmd: &mut Command) -> Option<String> {
 pub fn display(cmd: &Command) -> String {
     let mut parts: Vec<String> = cmd
         .get_envs()
-        .filter(|(k, _)| *k != "PATH")
+        .filter(|(k, _)| *k != "PATH" && *k != "LD_LIBRARY_PATH")
         .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
         .collect();
     parts.push(cmd.get_program().to_string_lossy().into_owned());
