@@ -415,6 +415,7 @@ fn build_ingressd() -> Result<PathBuf> {
             cmd.args(["--profile", other]);
         }
     }
+    clean_cargo_env(&mut cmd, &target_dir);
     eprintln!("building ingressd ({profile}) for the end-to-end tests");
     let out = run_capture(
         "cargo build (for ingressd)",
@@ -428,4 +429,49 @@ fn build_ingressd() -> Result<PathBuf> {
         });
     }
     Ok(profile_dir.join("ingressd"))
+}
+
+/// Removes what `cargo test` set for this test process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`,
+/// `LD_LIBRARY_PATH` entries, the toolchain rustup chose by default) from a nested cargo's
+/// environment: build scripts that watch such variables (ring watches `CARGO_MANIFEST_DIR`)
+/// would rerun, and the crates above them rebuild, each time the environment flips between this
+/// build and a plain `cargo`.
+fn clean_cargo_env(cmd: &mut Command, target_dir: &Path) {
+    for (key, _) in env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                key,
+                "CARGO"
+                    | "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            cmd.env_remove(key);
+        }
+    }
+    if env::var_os("RUSTUP_TOOLCHAIN_SOURCE").is_some_and(|s| s == "default") {
+        cmd.env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTUP_TOOLCHAIN_SOURCE");
+    }
+    if let Some(paths) = env::var_os("LD_LIBRARY_PATH") {
+        let rustup_home = env::var_os("RUSTUP_HOME").map(PathBuf::from);
+        let kept: Vec<PathBuf> = env::split_paths(&paths)
+            .filter(|p| !p.starts_with(target_dir))
+            .filter(|p| !rustup_home.as_ref().is_some_and(|home| p.starts_with(home)))
+            .collect();
+        match env::join_paths(&kept) {
+            Ok(joined) if !kept.is_empty() => {
+                cmd.env("LD_LIBRARY_PATH", joined);
+            }
+            _ => {
+                cmd.env_remove("LD_LIBRARY_PATH");
+            }
+        }
+    }
 }
