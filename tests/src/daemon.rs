@@ -262,6 +262,40 @@ impl Daemon {
         self.running.as_ref().map(|r| r.guard.pid())
     }
 
+    /// How many file descriptors the running daemon holds (`/proc/<pid>/fd`), to check that
+    /// closed flows leave none behind.
+    pub fn open_fds(&self) -> Result<usize> {
+        let pid = self.running_pid()?;
+        let dir = format!("/proc/{pid}/fd");
+        std::fs::read_dir(&dir)
+            .ctx(|| format!("listing {dir}"))
+            .map(Iterator::count)
+    }
+
+    /// The running daemon's resident memory in bytes (`VmRSS` of `/proc/<pid>/status`).
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let pid = self.running_pid()?;
+        let path = format!("/proc/{pid}/status");
+        let status = std::fs::read_to_string(&path).ctx(|| format!("reading {path}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .ok_or_else(|| Error::Process {
+                what: "reading VmRSS".to_owned(),
+                detail: path,
+            })
+    }
+
+    fn running_pid(&self) -> Result<u32> {
+        self.pid().ok_or_else(|| Error::Process {
+            what: "ingressd".to_owned(),
+            detail: "is not running".to_owned(),
+        })
+    }
+
     /// The log of every start so far.
     pub fn log(&self) -> String {
         std::fs::read(&self.log)

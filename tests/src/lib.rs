@@ -12,6 +12,7 @@
 //!   server; `openssl s_server`; a rustls client.
 //! - [`servers`]: postgres, redis and sshd as real backends.
 //! - [`netns`]: network namespaces joined by a veth pair, for a second host.
+//! - [`tcp`]: abortive close (RST).
 //! - [`ports`]: port leases (for servers that cannot bind port 0) and loopback addresses.
 //! - [`process`]: child process guards (stop by PID on drop) and polling with a deadline.
 //! - [`skip`], [`tools`]: skipping when a prerequisite is missing (failing under `CI=true`);
@@ -38,6 +39,7 @@ pub mod ports;
 pub mod process;
 pub mod servers;
 pub mod skip;
+pub mod tcp;
 pub mod tls;
 pub mod tools;
 pub mod workdir;

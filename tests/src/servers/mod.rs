@@ -1,6 +1,7 @@
 //! Real servers as backends, each on a loopback address and a leased port, with a TLS
 //! certificate from a per-server CA; each guard stops its server by PID when dropped, and each
 //! start waits (polling, with a deadline) until the server answers.
+pub mod dnsmasq;
 pub mod postgres;
 pub mod redis;
 pub mod sshd;

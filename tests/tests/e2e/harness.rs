@@ -282,6 +282,9 @@ fn daemon_harness_follows_the_api_addr_contract() {
     let first_pid = info.body["pid"].clone();
     assert_eq!(daemon.api().unwrap().get("/nope").unwrap().status, 404);
 
+    assert!(daemon.open_fds().unwrap() >= 3, "stdin, stdout, stderr at least");
+    assert!(daemon.rss_bytes().unwrap() > 1 << 20);
+
     let data_dir = daemon.data_dir().to_path_buf();
     daemon.kill9().unwrap();
     assert!(!daemon.is_running().unwrap());
@@ -335,4 +338,27 @@ fn ingressd_binary_is_located_or_built() {
     let path = ingress_tests::daemon::ingressd_binary().unwrap();
     assert!(path.is_file(), "{}", path.display());
     assert_eq!(path.file_name().and_then(|n| n.to_str()), Some("ingressd"));
+}
+
+#[test]
+fn dnsmasq_answers_the_records_it_was_given() {
+    let instance = next_loopback();
+    let dns = require_ok!(ingress_tests::servers::dnsmasq::Dnsmasq::start(
+        next_loopback(),
+        &[("vm-7.vms.internal", instance)]
+    ));
+    assert_eq!(dns.resolve("vm-7.vms.internal").unwrap(), vec![instance]);
+    assert!(dns.resolve("vm-8.vms.internal").unwrap().is_empty());
+}
+
+#[test]
+fn abort_reaches_the_peer_as_a_reset() {
+    let server = EchoServer::start(next_loopback()).unwrap();
+    let mut client = TcpStream::connect(server.addr()).unwrap();
+    client.write_all(b"abc").unwrap();
+    let mut back = [0_u8; 3];
+    client.read_exact(&mut back).unwrap();
+    ingress_tests::tcp::abort(client).unwrap();
+    let (_, end) = server.next_end(WAIT).unwrap();
+    assert_eq!(end, ConnEnd::Reset { bytes: 3 });
 }
