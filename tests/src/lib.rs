@@ -10,7 +10,7 @@
 //! - [`pattern`]: seeded byte streams and their verification, rate limiting.
 //! - [`pki`], [`tls`]: throw-away CAs and certificates; ClientHello bytes; a rustls echo
 //!   server; `openssl s_server`; a rustls client.
-//! - [`servers`]: postgres, redis and sshd as real backends.
+//! - [`servers`]: postgres, redis, sshd and dnsmasq as real servers.
 //! - [`netns`]: network namespaces joined by a veth pair, for a second host.
 //! - [`tcp`]: abortive close (RST).
 //! - [`ports`]: port leases (for servers that cannot bind port 0) and loopback addresses.
