@@ -84,7 +84,8 @@ pub fn install(ctx: &Ctx, packages: &[&Package]) -> Result<()> {
         .map(|p| p.name)
         .filter(|name| !is_known(name))
         .collect();
-    if !unknown.is_empty() {
+    let refreshed = !unknown.is_empty();
+    if refreshed {
         println!(
             "  apt does not know {} yet: refreshing package lists",
             unknown.join(", ")
@@ -100,11 +101,19 @@ pub fn install(ctx: &Ctx, packages: &[&Package]) -> Result<()> {
         }
     }
     let _hold = ServiceHold::new()?;
-    let result = run(ctx
-        .command("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(packages.iter().map(|p| p.name)));
+    let apt_install = || {
+        run(ctx
+            .command("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages.iter().map(|p| p.name)))
+    };
+    let mut result = apt_install();
+    if result.is_err() && !refreshed {
+        // Package lists older than the mirror name files it no longer has (404): refresh, retry.
+        println!("  the install failed: refreshing package lists and trying once more");
+        result = run(ctx.command("apt-get").args(["update", "-q"])).and_then(|()| apt_install());
+    }
     result
         .with_context(|| format!("installing {}: {}", names(packages), install_hint(packages)))?;
     disable_services(ctx, packages)

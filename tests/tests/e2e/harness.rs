@@ -282,7 +282,10 @@ fn daemon_harness_follows_the_api_addr_contract() {
     let first_pid = info.body["pid"].clone();
     assert_eq!(daemon.api().unwrap().get("/nope").unwrap().status, 404);
 
-    assert!(daemon.open_fds().unwrap() >= 3, "stdin, stdout, stderr at least");
+    assert!(
+        daemon.open_fds().unwrap() >= 3,
+        "stdin, stdout, stderr at least"
+    );
     assert!(daemon.rss_bytes().unwrap() > 1 << 20);
 
     let data_dir = daemon.data_dir().to_path_buf();
