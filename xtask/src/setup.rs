@@ -27,6 +27,16 @@ pub enum Scope {
     Test,
 }
 
+impl Scope {
+    /// The name `--for` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Run => "run",
+            Self::Test => "test",
+        }
+    }
+}
+
 /// Where LLVM 22 lives on Debian; bpf-linker is built against it.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
@@ -96,7 +106,7 @@ const fn pkg(name: &'static str, why: &'static str, service: Option<&'static str
 /// what is missing.
 pub fn setup(ctx: &mut Ctx, scope: Scope, check_only: bool) -> Result<()> {
     let started = Instant::now();
-    println!("setup ({scope:?}): checking what is missing");
+    println!("setup (for {}): checking what is missing", scope.name());
     let mut missing = Vec::new();
 
     let mut wanted: Vec<&Package> = TOOLCHAIN_PACKAGES.iter().collect();
@@ -132,7 +142,11 @@ pub fn setup(ctx: &mut Ctx, scope: Scope, check_only: bool) -> Result<()> {
     if !missing.is_empty() {
         bail!("setup is incomplete:\n  - {}", missing.join("\n  - "));
     }
-    println!("setup ({scope:?}): ready in {:.1?}", started.elapsed());
+    println!(
+        "setup (for {}): ready in {:.1?}",
+        scope.name(),
+        started.elapsed()
+    );
     Ok(())
 }
 
