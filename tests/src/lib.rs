@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`daemon`]: [`Daemon`] — spawn `ingressd`, find its API (the `api.addr` contract), stop,
 //!   kill -9, restart.
+//! - [`binary`]: which `ingressd` runs (`INGRESSD_BIN`, or built on demand).
 //! - [`api`]: [`ApiClient`] — a blocking client for the REST API.
 //! - [`echo`], [`bulk`]: in-process backends — an echo server; a bulk sink/source with
 //!   checksummed streams, slow readers, and a ping-pong latency sampler.
@@ -28,6 +29,7 @@
 
 mod acceptor;
 pub mod api;
+pub mod binary;
 pub mod bulk;
 pub mod daemon;
 pub mod echo;

@@ -338,7 +338,7 @@ fn serial_bulk_exchange_moves_1gib_each_way() {
 
 #[test]
 fn ingressd_binary_is_located_or_built() {
-    let path = ingress_tests::daemon::ingressd_binary().unwrap();
+    let path = ingress_tests::binary::ingressd_binary().unwrap();
     assert!(path.is_file(), "{}", path.display());
     assert_eq!(path.file_name().and_then(|n| n.to_str()), Some("ingressd"));
 }
