@@ -7,4 +7,5 @@
 // The whole binary is test code (helpers included): a panic is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+mod daemon;
 mod harness;
