@@ -1,11 +1,13 @@
 //! Skipping a test whose prerequisite is missing — except under `CI=true`, where a missing
 //! prerequisite is a failure.
 //!
-//! ```ignore
+//! ```no_run
+//! use ingress_tests::{require, require_ok, servers::{ServerOptions, redis::Redis}};
+//!
 //! #[test]
-//! fn redis_over_tls_passthrough() {
+//! fn redis_through_a_namespace() {
 //!     require!(ingress_tests::is_root(), "network namespaces need root");
-//!     let redis = require_ok!(Redis::start(RedisOptions::default()));
+//!     let redis = require_ok!(Redis::start(&ServerOptions::default()));
 //!     // ...
 //! }
 //! ```
