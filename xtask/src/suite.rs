@@ -1,0 +1,102 @@
+//! `cargo xtask test`: setup, then the whole suite as a list of steps.
+//!
+//! # Serial tests
+//! A test that needs the machine to itself (bulk transfers of GiBs, CPU or memory measurements,
+//! timing-sensitive checks) has a name starting with `serial_`, e.g.
+//! `serial_splice_moves_1gib_each_way`. The suite runs every other test first, in parallel, then
+//! the `serial_` tests one at a time (`--test-threads=1`). libtest filters match substrings, so no
+//! other test name may contain `serial_`.
+//!
+//! # Adding a step
+//! Append a [`Step`] in [`steps`]: `Step::required` when later steps need it to pass,
+//! `Step::independent` otherwise. Planned: a short `cargo fuzz` run per target, schemathesis
+//! against a daemon's `/openapi.json` (setup already installs it, see [`crate::setup::venv_dir`]),
+//! and the kernel matrix (Debian 6.1 and 6.12 under qemu).
+use std::{env, fs, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    context::{Ctx, run},
+    setup::{self, Scope},
+    step::{self, Step},
+};
+
+/// Tests whose names contain this run alone, after the others.
+pub const SERIAL_PREFIX: &str = "serial_";
+
+/// Runs setup (unless `no_setup`) and the suite.
+pub fn test(ctx: &mut Ctx, no_setup: bool) -> Result<()> {
+    let skip_log = ctx.target_dir().join("xtask").join("skipped-tests.txt");
+    if let Some(dir) = skip_log.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(&skip_log, "").with_context(|| format!("truncating {}", skip_log.display()))?;
+
+    let result = step::run_all(ctx, steps(no_setup, skip_log.clone()));
+
+    let skipped = fs::read_to_string(&skip_log).unwrap_or_default();
+    if !skipped.trim().is_empty() {
+        println!("\ntests that skipped (a prerequisite was missing):");
+        for line in skipped.lines() {
+            println!("  {line}");
+        }
+    }
+    result
+}
+
+/// The packages built and tested: the workspace without the eBPF crate, which only builds for
+/// the BPF target (the daemon's build script builds it).
+const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "ingress-ebpf"];
+
+/// The steps of `cargo xtask test`, in order.
+fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if !no_setup {
+        steps.push(Step::required("setup", |ctx| {
+            setup::setup(ctx, Scope::Test, false)
+        }));
+    }
+    steps.push(Step::required("build", |ctx| {
+        // Libraries, binaries (ingressd) and test targets at once, so ingressd gets the feature
+        // resolution the tests get (dev-dependencies included). A lone `cargo build -p
+        // ingress-daemon` resolves features differently, which reruns the daemon's build script
+        // and rebuilds the eBPF object from scratch.
+        run(ctx
+            .cargo()
+            .arg("build")
+            .args(PACKAGES)
+            .args(["--lib", "--bins", "--tests"]))
+    }));
+    let log = skip_log.clone();
+    steps.push(Step::independent("tests", move |ctx| {
+        let mut cmd = cargo_test(ctx, &log);
+        cmd.args(["--", "--skip", SERIAL_PREFIX]);
+        run(&mut cmd)
+    }));
+    steps.push(Step::independent("serial tests", move |ctx| {
+        let mut cmd = cargo_test(ctx, &skip_log);
+        // Doc tests were run by the previous step; `--tests` leaves them out.
+        cmd.args(["--tests", "--", SERIAL_PREFIX, "--test-threads=1"]);
+        run(&mut cmd)
+    }));
+    steps
+}
+
+/// `cargo test` over [`PACKAGES`], with the environment the end-to-end harness reads.
+fn cargo_test(ctx: &Ctx, skip_log: &PathBuf) -> Command {
+    let mut cmd = ctx.cargo();
+    cmd.arg("test")
+        .args(PACKAGES)
+        .arg("--no-fail-fast")
+        // The binary the build step made: the harness then runs no cargo itself.
+        .env(
+            "INGRESSD_BIN",
+            ctx.target_dir().join("debug").join("ingressd"),
+        )
+        .env("INGRESS_TEST_SKIP_LOG", skip_log);
+    if env::var_os("RUST_BACKTRACE").is_none() {
+        cmd.env("RUST_BACKTRACE", "1");
+    }
+    cmd
+}
