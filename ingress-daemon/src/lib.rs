@@ -13,6 +13,8 @@
 //! - [`store`]: durable one-file-per-record storage; corrupt files are reported and kept.
 //! - [`listeners`]: binding ingress ports and the [`listeners::ConnectionHandler`] hand-off.
 //! - [`control`]: every control-plane operation, applied to store, listeners and tables.
+//! - [`daemon`]: the lifecycle: bind the API, load the store, serve, shut down.
+//! - [`cli`] and [`ctl`]: the command line, and the operator client speaking to the API.
 //! - [`sys`]: every raw syscall (setsockopt, ioctl, `TCP_INFO`, `mmap`), each `unsafe` block
 //!   in one place.
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
@@ -20,8 +22,11 @@
 pub mod api;
 pub mod backend;
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
+pub mod daemon;
 pub mod error;
 pub mod listeners;
 pub mod model;
