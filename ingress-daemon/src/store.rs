@@ -186,8 +186,8 @@ impl Store {
                 f.write_all(&bytes)?;
                 f.sync_all()
             })
-            .map_err(io("writing", &tmp))
-            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp)));
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(io("writing", &path));
         if let Err(e) = written {
             // The temp file is ours and incomplete; the record file is untouched.
             let _ = std::fs::remove_file(&tmp);

@@ -70,7 +70,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            if path.is_empty() || path == "." {
+            if path.is_empty() || path == "." || path == "?" {
                 ApiError::bad_request(format!("invalid JSON body: {inner}"))
             } else {
                 ApiError::bad_request(format!("{path}: {inner}"))
