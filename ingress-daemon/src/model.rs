@@ -89,6 +89,11 @@ pub struct Rule {
 #[serde(deny_unknown_fields)]
 pub struct DefaultTarget {
     /// Instance name (no captures: there is no SNI to take them from).
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub instance: String,
     /// Backend TCP port.
     #[schema(minimum = 1, maximum = 65535)]
@@ -106,7 +111,12 @@ pub struct DefaultTarget {
 #[serde(deny_unknown_fields)]
 pub struct IngressSpec {
     /// Unique name, `^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`, 1–63 characters.
-    #[schema(example = "postgres")]
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63,
+        example = "postgres"
+    )]
     pub name: String,
     /// Port the listener binds.
     #[schema(minimum = 1, maximum = 65535)]
@@ -176,6 +186,11 @@ pub struct Instance {
 #[serde(deny_unknown_fields)]
 pub struct PortClaimSpec {
     /// Who owns the port (a name, e.g. `http-ingress`).
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub owner: String,
 }
 
@@ -223,6 +238,11 @@ pub struct PortEntry {
 #[serde(deny_unknown_fields)]
 pub struct CertificateSpec {
     /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
     pub name: String,
     /// PEM certificate chain, end-entity first.
     pub cert_pem: String,

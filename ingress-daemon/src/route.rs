@@ -214,6 +214,11 @@ impl RouteTable {
     }
 
     fn match_pattern(&self, host: &str) -> Option<&Entry> {
+        let label_count = host.bytes().filter(|b| *b == b'.').count() + 1;
+        let shapes = self.shapes_by_len.get(label_count)?;
+        if shapes.is_empty() {
+            return None;
+        }
         let mut labels = [""; MAX_LABELS];
         let mut n = 0;
         for (slot, l) in labels.iter_mut().zip(host.split('.')) {
@@ -221,7 +226,7 @@ impl RouteTable {
             n += 1;
         }
         let labels = labels.get(..n)?;
-        for shape in self.shapes_by_len.get(n)? {
+        for shape in shapes {
             let key = literal_hash(
                 shape
                     .literal_positions

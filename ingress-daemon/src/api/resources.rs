@@ -61,7 +61,7 @@ pub async fn ports(State(s): State<AppState>) -> Json<Vec<PortEntry>> {
 
 /// Register or move a static instance.
 #[utoipa::path(put, path = "/instances/{name}", tag = "instances", request_body = InstanceSpec,
-    params(("name" = String, Path)),
+    params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", min_length = 1, max_length = 63)),
     responses((status = 201, body = Instance), (status = 200, body = Instance),
         (status = 400, description = "bad_request, invalid_name, backend_not_allowed", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 413, body = ErrorBody)))]
@@ -75,7 +75,7 @@ pub async fn put_instance(
 }
 
 /// Get a static instance.
-#[utoipa::path(get, path = "/instances/{name}", tag = "instances", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/instances/{name}", tag = "instances", params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", min_length = 1, max_length = 63)),
     responses((status = 200, body = Instance), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_instance(
     State(s): State<AppState>,
@@ -92,7 +92,7 @@ pub async fn list_instances(State(s): State<AppState>) -> Json<Vec<Instance>> {
 }
 
 /// Remove a static instance.
-#[utoipa::path(delete, path = "/instances/{name}", tag = "instances", params(("name" = String, Path)),
+#[utoipa::path(delete, path = "/instances/{name}", tag = "instances", params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", min_length = 1, max_length = 63)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_instance(
     State(s): State<AppState>,
@@ -126,7 +126,7 @@ pub async fn list_certificates(State(s): State<AppState>) -> Json<Vec<Certificat
 }
 
 /// Get a certificate's metadata.
-#[utoipa::path(get, path = "/certificates/{name}", tag = "certificates", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/certificates/{name}", tag = "certificates", params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", min_length = 1, max_length = 63)),
     responses((status = 200, body = Certificate), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_certificate(
     State(s): State<AppState>,
@@ -136,7 +136,7 @@ pub async fn get_certificate(
 }
 
 /// Delete a certificate unless a terminate rule still needs it.
-#[utoipa::path(delete, path = "/certificates/{name}", tag = "certificates", params(("name" = String, Path)),
+#[utoipa::path(delete, path = "/certificates/{name}", tag = "certificates", params(("name" = String, Path, pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", min_length = 1, max_length = 63)),
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, description = "in_use", body = ErrorBody)))]
 pub async fn delete_certificate(

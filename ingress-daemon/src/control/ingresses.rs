@@ -171,7 +171,13 @@ impl ControlPlane {
             .put(Kind::TcpIngress, &id, &ingress)
             .map_err(|e| internal("writing tcp ingress", e))?;
         let routes = Arc::new(ArcSwap::from_pointee(table));
-        self.start_listener(&ingress, &routes, bound).await?;
+        if let Err(e) = self.start_listener(&ingress, &routes, bound).await {
+            // Undo the write so disk and memory agree; the error is what the client sees.
+            if let Err(undo) = self.store.delete(Kind::TcpIngress, &id) {
+                tracing::error!(%id, error = %undo, "cannot remove the record of a failed create");
+            }
+            return Err(e);
+        }
         tracing::info!(id = %ingress.id, name = %ingress.name, port = ingress.listen_port, "tcp ingress created");
         state.ingresses.insert(
             id,
