@@ -179,6 +179,12 @@ fn everything_comes_back_after_kill_9_and_corrupt_records_are_reported() {
     let list = d.ctl(&["ingress", "list"]);
     assert!(list.starts_with("ID"), "{list}");
     assert_eq!(list.lines().count(), 4, "{list}");
+    let got: serde_json::Value = serde_json::from_str(&d.ctl(&["ingress", "get", "pg"])).unwrap();
+    assert_eq!(got, pg);
+    assert_eq!(
+        d.ctl(&["instance", "list"]),
+        "NAME   ADDRESS\ncache  127.0.0.3\ndb     127.0.0.1\n"
+    );
     let ports = d.ctl(&["ports"]);
     assert!(ports.contains(&format!("{claim}  claim")), "{ports}");
     let before: Vec<serde_json::Value> =
