@@ -26,6 +26,9 @@ pub enum DaemonError {
     /// The data directory could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
     /// The API server failed.
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
@@ -77,23 +80,17 @@ pub async fn run(
     served.map_err(DaemonError::Serve)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Registers SIGINT and SIGTERM handlers now (so a signal during start-up is not lost) and
+/// returns a future that resolves on the first of them. Call within a Tokio runtime.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }

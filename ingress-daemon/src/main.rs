@@ -62,7 +62,11 @@ fn main() -> ExitCode {
         handler: Arc::new(listeners::ClosingHandler),
         probes: Vec::new(),
     };
-    match runtime.block_on(daemon::run(api, parts, daemon::shutdown_signal())) {
+    let served = runtime.block_on(async {
+        let shutdown = daemon::shutdown_signal().map_err(daemon::DaemonError::Signals)?;
+        daemon::run(api, parts, shutdown).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "daemon failed");

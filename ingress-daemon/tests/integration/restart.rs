@@ -315,3 +315,35 @@ fn everything_comes_back_after_kill_9_and_corrupt_records_are_reported() {
     assert_eq!(std::fs::read(&doomed_path).unwrap(), truncated);
     d.kill9();
 }
+
+#[test]
+fn sigterm_closes_listeners_and_exits_cleanly() {
+    let dir = TempDir::new("sigterm");
+    let mut d = Daemon::start(dir.path());
+    d.ctl(&["instance", "put", "db", "127.0.0.1"]);
+    let port = free_port();
+    d.ctl(&[
+        "ingress",
+        "create",
+        "--name",
+        "a",
+        "--port",
+        &port.to_string(),
+        "--default",
+        "db:1",
+    ]);
+    assert!(accepts(port));
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = wait_for("ingressd to exit", Duration::from_secs(20), || {
+        d.child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0));
+    assert!(!accepts(port));
+}
