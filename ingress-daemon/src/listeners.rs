@@ -29,10 +29,12 @@ const BACKLOG: i32 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
     /// Another socket (usually another process) already listens on the address.
-    #[error("{addr} is already in use by another process")]
+    #[error("{addr} is already in use by {owner}")]
     InUse {
         /// The address we tried to bind.
         addr: SocketAddr,
+        /// Who holds it: `name (pid N)` when `/proc` tells, else "another process".
+        owner: String,
     },
     /// Any other socket error (e.g. permission denied for a port below 1024).
     #[error("binding {addr}: {source}")]
@@ -125,7 +127,8 @@ pub fn bind(ip: IpAddr, port: u16) -> Result<BoundListener, BindError> {
     let addr = SocketAddr::new(ip, port);
     let err = |source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::AddrInUse {
-            BindError::InUse { addr }
+            let owner = listening_process(port).unwrap_or_else(|| "another process".to_owned());
+            BindError::InUse { addr, owner }
         } else {
             BindError::Io { addr, source }
         }
@@ -142,6 +145,53 @@ pub fn bind(ip: IpAddr, port: u16) -> Result<BoundListener, BindError> {
     let listener = std::net::TcpListener::from(socket);
     let addr = listener.local_addr().map_err(err)?;
     Ok(BoundListener { listener, addr })
+}
+
+/// Names the process listening on TCP `port`, from `/proc/net/tcp{,6}` and `/proc/*/fd`.
+/// Best effort, for error messages only: `None` when it cannot be told (e.g. another namespace).
+fn listening_process(port: u16) -> Option<String> {
+    const TCP_LISTEN: &str = "0A";
+    let port_hex = format!(":{port:04X}");
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9))
+                && local.ends_with(&port_hex)
+                && *state == TCP_LISTEN
+                && *inode != "0"
+            {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = proc_entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+        });
+        if holds {
+            let comm = std::fs::read_to_string(proc_entry.path().join("comm")).unwrap_or_default();
+            return Some(format!("{} (pid {pid})", comm.trim()));
+        }
+    }
+    None
 }
 
 struct Active {
@@ -288,9 +338,11 @@ mod tests {
         let foreign = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = foreign.local_addr().unwrap().port();
         let err = bind(IpAddr::V4(Ipv4Addr::LOCALHOST), port).unwrap_err();
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let me = format!("{} (pid {})", comm.trim(), std::process::id());
         assert_eq!(
             err.to_string(),
-            format!("127.0.0.1:{port} is already in use by another process")
+            format!("127.0.0.1:{port} is already in use by {me}")
         );
         drop(foreign);
         let ok = bind(IpAddr::V4(Ipv4Addr::LOCALHOST), port).unwrap();

@@ -562,7 +562,11 @@ fn validation_and_conflict_errors() {
         &r,
         409,
         "port_in_use",
-        &format!("listen_port: 127.0.0.1:{fp} is already in use by another process"),
+        &format!(
+            "listen_port: 127.0.0.1:{fp} is already in use by {} (pid {})",
+            std::fs::read_to_string("/proc/self/comm").unwrap().trim(),
+            std::process::id()
+        ),
     );
     let r = s.req(
         "PUT",
