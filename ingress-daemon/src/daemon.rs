@@ -26,6 +26,9 @@ pub enum DaemonError {
     /// The data directory could not be opened.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The DNS resolver could not be set up.
+    #[error(transparent)]
+    Resolver(crate::resolver::ResolveError),
     /// The signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -42,7 +45,8 @@ pub fn bind_api(mut config: Config) -> Result<(std::net::TcpListener, Shared), D
     let listener = std::net::TcpListener::bind(addr).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     config.api_listen = listener.local_addr().map_err(err)?;
-    Ok((listener, Shared::new(config)))
+    let shared = Shared::new(config).map_err(DaemonError::Resolver)?;
+    Ok((listener, shared))
 }
 
 /// What the daemon runs with besides its configuration.

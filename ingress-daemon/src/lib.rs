@@ -10,6 +10,7 @@
 //! - [`route`]: the per-listener routing table, swapped atomically, read without locks.
 //! - [`certs`]: stored certificates and their selection by SNI for terminate mode.
 //! - [`backend`]: the static instance registry and the backend address policy.
+//! - [`resolver`]: instance name → address, static registry first, then DNS.
 //! - [`store`]: durable one-file-per-record storage; corrupt files are reported and kept.
 //! - [`listeners`]: binding ingress ports and the [`listeners::ConnectionHandler`] hand-off.
 //! - [`control`]: every control-plane operation, applied to store, listeners and tables.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod listeners;
 pub mod model;
 pub mod pattern;
+pub mod resolver;
 pub mod route;
 pub mod splice;
 pub mod store;

@@ -34,7 +34,8 @@ async fn fixture(token: Option<&str>) -> Fixture {
         ..Default::default()
     };
     let token = config.validate().unwrap();
-    let control = ControlPlane::new(Shared::new(config), Arc::new(ClosingHandler)).unwrap();
+    let control =
+        ControlPlane::new(Shared::new(config).unwrap(), Arc::new(ClosingHandler)).unwrap();
     control.load().await;
     Fixture {
         state: AppState::new(Arc::new(control), token),

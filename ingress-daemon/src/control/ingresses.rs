@@ -80,7 +80,7 @@ impl ControlPlane {
 
     /// Checks what needs outside state: name and port ownership, literal targets, backend
     /// policy, certificates. `except` is the ingress being replaced.
-    fn check_ingress(
+    async fn check_ingress(
         &self,
         state: &State,
         spec: &mut IngressSpec,
@@ -103,7 +103,8 @@ impl ControlPlane {
         self.check_port(state, spec.listen_port, except, "listen_port")?;
         for (i, (rule, c)) in spec.rules.iter().zip(&checked).enumerate() {
             if let Some(name) = c.template.literal() {
-                self.check_target(&format!("rules[{i}].target"), name, rule.target.port)?;
+                self.check_target(&format!("rules[{i}].target"), name, rule.target.port)
+                    .await?;
             }
             if rule.mode == Mode::Terminate && !self.shared.certs.covers(&c.pattern) {
                 return Err(ApiError::new(
@@ -116,7 +117,8 @@ impl ControlPlane {
             }
         }
         if let Some(d) = &spec.default_target {
-            self.check_target("default_target", &d.instance, d.port)?;
+            self.check_target("default_target", &d.instance, d.port)
+                .await?;
         }
         let probe = TcpIngress {
             id: String::new(),
@@ -129,31 +131,29 @@ impl ControlPlane {
         RouteTable::build(&probe)
     }
 
-    /// A literal target must exist (unless DNS resolution is configured) and pass the policy.
-    fn check_target(&self, field: &str, instance: &str, port: u16) -> Result<(), ApiError> {
-        match self.shared.instances.address(instance) {
-            Some(ip) => self
-                .shared
-                .policy
-                .check(SocketAddr::new(ip, port))
-                .map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::BackendNotAllowed,
-                        format!("{field}: instance {instance:?} at {e}"),
-                    )
-                }),
-            None if self.shared.config.dns_suffix.is_some() => Ok(()),
-            None => Err(ApiError::new(
+    /// A literal target must resolve (static registry or DNS) to an address the policy allows.
+    async fn check_target(&self, field: &str, instance: &str, port: u16) -> Result<(), ApiError> {
+        let ip = self.shared.resolver.resolve(instance).await.map_err(|e| {
+            ApiError::new(
                 ErrorCode::InstanceNotFound,
-                format!("{field}.instance: instance {instance:?} does not exist"),
-            )),
-        }
+                format!("{field}.instance: {e}"),
+            )
+        })?;
+        self.shared
+            .policy
+            .check(SocketAddr::new(ip, port))
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::BackendNotAllowed,
+                    format!("{field}: instance {instance:?} at {e}"),
+                )
+            })
     }
 
     /// Creates an ingress: validates, binds its listener, persists, starts serving.
     pub async fn create_ingress(&self, mut spec: IngressSpec) -> Result<TcpIngress, ApiError> {
         let mut state = self.state.lock().await;
-        let table = self.check_ingress(&state, &mut spec, None)?;
+        let table = self.check_ingress(&state, &mut spec, None).await?;
         let bound = listeners::bind(self.listen_ip(), spec.listen_port)?;
         let mut id = new_id();
         while state.ingresses.contains_key(&id) {
@@ -222,7 +222,7 @@ impl ControlPlane {
                 old.name
             )));
         }
-        let table = self.check_ingress(&state, &mut spec, Some(&id))?;
+        let table = self.check_ingress(&state, &mut spec, Some(&id)).await?;
         let rebind = spec.listen_port != old.listen_port || !was_bound;
         let bound = if rebind {
             Some(listeners::bind(self.listen_ip(), spec.listen_port)?)

@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::error::{ApiError, ErrorCode};
 use crate::listeners::{ConnectionHandler, ListenerStatus, Listeners};
 use crate::model::TcpIngress;
+use crate::resolver::{ResolveError, Resolver};
 use crate::route::SharedRoutes;
 use crate::store::{FailedRecord, Store};
 
@@ -37,18 +38,23 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     /// Backend address policy; check every resolved backend before connecting.
     pub policy: Arc<BackendPolicy>,
+    /// Instance name → address (static registry, then DNS).
+    pub resolver: Arc<Resolver>,
 }
 
 impl Shared {
-    /// Empty registries for a configuration.
-    pub fn new(config: Config) -> Self {
+    /// Empty registries for a configuration (whose `api_listen` is the bound address).
+    pub fn new(config: Config) -> Result<Self, ResolveError> {
         let policy = BackendPolicy::new(config.backend_allow.clone(), config.api_listen);
-        Self {
+        let instances = Arc::new(Instances::new());
+        let resolver = Resolver::new(instances.clone(), &config)?;
+        Ok(Self {
             config: Arc::new(config),
-            instances: Arc::new(Instances::new()),
+            instances,
             certs: Arc::new(CertStore::new()),
             policy: Arc::new(policy),
-        }
+            resolver: Arc::new(resolver),
+        })
     }
 }
 

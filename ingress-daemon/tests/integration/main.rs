@@ -5,5 +5,6 @@
 
 mod api_http;
 mod common;
+mod dns;
 mod live_change;
 mod restart;
