@@ -180,10 +180,22 @@ impl std::fmt::Display for Cidr {
 }
 
 /// The API bearer token; its `Debug` never shows the value.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct ApiToken(String);
 
+impl From<&str> for ApiToken {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
 impl ApiToken {
+    /// The token text (for clients that must send it).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// The token's bytes, for a constant-time comparison.
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
@@ -205,7 +217,7 @@ pub struct Config {
     /// Address the REST API listens on (`INGRESSD_API_LISTEN`).
     pub api_listen: SocketAddr,
     /// Bearer token required by the API (`INGRESSD_API_TOKEN`).
-    pub api_token: Option<String>,
+    pub api_token: Option<ApiToken>,
     /// File holding the bearer token, mode 0600 (`INGRESSD_API_TOKEN_FILE`).
     pub api_token_file: Option<PathBuf>,
     /// Ports no ingress or claim may take (`RESERVED_PORTS`); the API's own port is added.
@@ -459,7 +471,7 @@ impl Config {
                     message: "set api_token or api_token_file, not both".to_owned(),
                 });
             }
-            (Some(t), None) => t.clone(),
+            (Some(t), None) => t.0.clone(),
             (None, Some(path)) => read_token_file(path)?,
             (None, None) => return Ok(None),
         };
@@ -548,7 +560,8 @@ mod tests {
         assert_eq!(c.max_flows, 7);
         assert_eq!(c.reserved_ports, vec![5, 6]);
         assert_eq!(c.offload, Offload::Off);
-        assert_eq!(c.api_token.as_deref(), Some("1234"));
+        assert_eq!(c.api_token.as_ref().map(ApiToken::expose), Some("1234"));
+        assert!(!format!("{c:?}").contains("1234"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -7,6 +7,7 @@ use axum::http::{Request, StatusCode};
 use tower::ServiceExt as _;
 
 use super::*;
+use crate::config::ApiToken;
 use crate::control::{ControlPlane, Shared};
 use crate::listeners::ClosingHandler;
 
@@ -30,7 +31,7 @@ async fn fixture(token: Option<&str>) -> Fixture {
     let config = crate::config::Config {
         data_dir: dir.clone(),
         listen_addr: "127.0.0.1".parse().unwrap(),
-        api_token: token.map(str::to_owned),
+        api_token: token.map(ApiToken::from),
         ..Default::default()
     };
     let token = config.validate().unwrap();

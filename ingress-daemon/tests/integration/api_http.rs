@@ -687,7 +687,7 @@ fn ambiguous_prefixes_and_internal_errors() {
 fn bearer_token_guards_everything_but_health() {
     let dir = TempDir::new("api-auth");
     let mut config = test_config(dir.path());
-    config.api_token = Some("s3cret-token".to_owned());
+    config.api_token = Some("s3cret-token".into());
     let s = Server::start(config);
     let anon = s.anonymous();
     for path in [

@@ -140,7 +140,7 @@ impl Server {
         token: Option<ApiToken>,
         handler: impl FnOnce(&Shared) -> Arc<dyn ConnectionHandler>,
     ) -> Self {
-        let raw_token = config.api_token.clone();
+        let raw_token = config.api_token.as_ref().map(|t| t.expose().to_owned());
         let (api, shared) = daemon::bind_api(config).unwrap();
         let addr = shared.config.api_listen;
         let parts = daemon::Parts {
