@@ -1,9 +1,39 @@
 //! ingressd: an SNI-routing TCP ingress whose flows are spliced inside the kernel.
 //!
 //! # Layout
+//! - [`api`]: the axum REST API, its auth, readiness and generated OpenAPI document.
+//! - [`config`]: the one [`config::Config`], layered file < environment < flags, validated
+//!   before anything binds.
+//! - [`error`]: the API's stable error codes and [`error::ApiError`].
+//! - [`model`]: the API resource types and their structural validation.
+//! - [`pattern`]: SNI patterns with whole-label captures, overlap checks, instance templates.
+//! - [`route`]: the per-listener routing table, swapped atomically, read without locks.
+//! - [`certs`]: stored certificates and their selection by SNI for terminate mode.
+//! - [`backend`]: the static instance registry and the backend address policy.
+//! - [`resolver`]: instance name → address, static registry first, then DNS.
+//! - [`store`]: durable one-file-per-record storage; corrupt files are reported and kept.
+//! - [`listeners`]: binding ingress ports and the [`listeners::ConnectionHandler`] hand-off.
+//! - [`control`]: every control-plane operation, applied to store, listeners and tables.
+//! - [`daemon`]: the lifecycle: bind the API, load the store, serve, shut down.
+//! - [`cli`] and [`ctl`]: the command line, and the operator client speaking to the API.
 //! - [`sys`]: every raw syscall (setsockopt, ioctl, `TCP_INFO`, `mmap`), each `unsafe` block
 //!   in one place.
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
 //!   that carry a flow's bytes between two established sockets.
+pub mod api;
+pub mod backend;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod ctl;
+pub mod daemon;
+pub mod error;
+pub mod listeners;
+pub mod model;
+pub mod pattern;
+pub mod resolver;
+pub mod route;
 pub mod splice;
+pub mod store;
 pub mod sys;

@@ -1,0 +1,100 @@
+//! The daemon's lifecycle: bind the API, open and load the store, serve until shutdown.
+//!
+//! Design: the API socket is bound first so its real address (a test may ask for port 0) is
+//! known before the control plane is built: the API's own port is reserved and the backend
+//! policy protects the API address. Records are loaded and listeners bound before the API
+//! starts answering; requests that arrive meanwhile wait in the backlog.
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::api::{self, AppState, ReadinessProbe};
+use crate::config::{ApiToken, Config};
+use crate::control::{ControlPlane, Shared};
+use crate::listeners::ConnectionHandler;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The API address could not be bound.
+    #[error("binding the API on {addr}: {source}")]
+    ApiBind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The DNS resolver could not be set up.
+    #[error(transparent)]
+    Resolver(crate::resolver::ResolveError),
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// The API server failed.
+    #[error("serving the API: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Binds the API address and returns it with the [`Shared`] tables built for the bound
+/// address (so port 0 works, and the real API port is reserved and protected).
+pub fn bind_api(mut config: Config) -> Result<(std::net::TcpListener, Shared), DaemonError> {
+    let addr = config.api_listen;
+    let err = |source| DaemonError::ApiBind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    config.api_listen = listener.local_addr().map_err(err)?;
+    let shared = Shared::new(config).map_err(DaemonError::Resolver)?;
+    Ok((listener, shared))
+}
+
+/// What the daemon runs with besides its configuration.
+pub struct Parts {
+    /// Lock-free tables shared with the data path (from [`bind_api`]).
+    pub shared: Shared,
+    /// The API bearer token, if configured.
+    pub token: Option<ApiToken>,
+    /// The data path: serves each ingress listener.
+    pub handler: Arc<dyn ConnectionHandler>,
+    /// Extra `/readyz` components (e.g. the eBPF splice engine).
+    pub probes: Vec<Arc<dyn ReadinessProbe>>,
+}
+
+/// Loads the store, binds the ingress listeners and serves the API on `api` until `shutdown`
+/// resolves; then listeners close and established flows are left to their tasks.
+pub async fn run(
+    api: std::net::TcpListener,
+    parts: Parts,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let api_addr = parts.shared.config.api_listen;
+    let api = tokio::net::TcpListener::from_std(api).map_err(|source| DaemonError::ApiBind {
+        addr: api_addr,
+        source,
+    })?;
+    let control = Arc::new(ControlPlane::new(parts.shared, parts.handler)?);
+    control.load().await;
+    let mut state = AppState::new(control.clone(), parts.token);
+    state.probes = Arc::new(parts.probes);
+    tracing::info!(addr = %api_addr, data_dir = %control.store().root().display(), "api listening");
+    let served = api::serve(api, api::app(state), shutdown).await;
+    control.shutdown().await;
+    tracing::info!("stopped");
+    served.map_err(DaemonError::Serve)
+}
+
+/// Registers SIGINT and SIGTERM handlers now (so a signal during start-up is not lost) and
+/// returns a future that resolves on the first of them. Call within a Tokio runtime.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
+}

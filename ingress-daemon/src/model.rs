@@ -1,0 +1,452 @@
+//! The API's resource types and their structural validation.
+//!
+//! Design: request bodies deserialise with `deny_unknown_fields` into `*Spec` types; responses
+//! are the spec plus server-assigned fields. [`IngressSpec::validate`] checks everything that
+//! needs no outside state (names, ports, SNI patterns, templates, overlapping SNI) and
+//! normalises (lower-cases) the spec; checks against instances, certificates and the backend
+//! policy live in [`crate::control`]. Every error message starts with the field path.
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::pattern::{SniPattern, Template};
+
+/// What the ingress does with the TLS session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The daemon terminates TLS with a stored certificate and sends plaintext to the backend.
+    #[default]
+    Terminate,
+    /// The TLS session runs end to end between client and backend.
+    Passthrough,
+}
+
+/// The application protocol in front of TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Plain TLS: the ClientHello comes first.
+    #[default]
+    Tls,
+    /// PostgreSQL: an optional SSLRequest precedes the ClientHello.
+    Postgres,
+}
+
+/// PROXY protocol header sent to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// Text header.
+    V1,
+    /// Binary header.
+    V2,
+}
+
+/// The SNI a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SniMatch {
+    /// Exact hostname or pattern with whole-label `{captures}`, e.g. `{id}.pg.example.com`.
+    #[schema(example = "{id}.pg.example.com")]
+    pub sni: String,
+}
+
+/// Where matching connections go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Instance name, or a template using the SNI's captures (`pg-{id}`).
+    #[schema(example = "pg-{id}")]
+    pub instance: String,
+    /// Backend TCP port.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u16,
+}
+
+/// One routing rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// The SNI to match.
+    #[serde(rename = "match")]
+    pub match_: SniMatch,
+    /// The backend.
+    pub target: Target,
+    /// TLS handling (default `terminate`).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Protocol in front of TLS (default `tls`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// PROXY protocol header to the backend, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Where connections without SNI or with an unmatched SNI go; always passthrough.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultTarget {
+    /// Instance name (no captures: there is no SNI to take them from).
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub instance: String,
+    /// Backend TCP port.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u16,
+    /// Protocol in front of TLS (default `tls`).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// PROXY protocol header to the backend, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// The body of `POST /tcp-ingresses` and `PUT /tcp-ingresses/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IngressSpec {
+    /// Unique name, `^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`, 1–63 characters.
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63,
+        example = "postgres"
+    )]
+    pub name: String,
+    /// Port the listener binds.
+    #[schema(minimum = 1, maximum = 65535)]
+    pub listen_port: u16,
+    /// Routing rules.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Target for connections no rule matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_target: Option<DefaultTarget>,
+}
+
+/// A stored TCP ingress as the API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpIngress {
+    /// Server-assigned ID (lower-case hex).
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Port the listener binds.
+    pub listen_port: u16,
+    /// Routing rules.
+    pub rules: Vec<Rule>,
+    /// Target for connections no rule matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_target: Option<DefaultTarget>,
+    /// Creation time, RFC 3339.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+impl TcpIngress {
+    /// The ingress's spec (everything but the server-assigned fields).
+    pub fn spec(&self) -> IngressSpec {
+        IngressSpec {
+            name: self.name.clone(),
+            listen_port: self.listen_port,
+            rules: self.rules.clone(),
+            default_target: self.default_target.clone(),
+        }
+    }
+}
+
+/// The body of `PUT /instances/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// The instance's IP address.
+    #[schema(value_type = String, example = "127.0.0.2")]
+    pub address: std::net::IpAddr,
+}
+
+/// A static instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    /// Instance name.
+    pub name: String,
+    /// The instance's IP address.
+    #[schema(value_type = String)]
+    pub address: std::net::IpAddr,
+}
+
+/// The body of `PUT /port-claims/{port}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortClaimSpec {
+    /// Who owns the port (a name, e.g. `http-ingress`).
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub owner: String,
+}
+
+/// A port held by an external owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortClaim {
+    /// The port.
+    pub port: u16,
+    /// Who owns it.
+    pub owner: String,
+}
+
+/// What kind of owner holds a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PortOwnerKind {
+    /// A TCP ingress listens there.
+    TcpIngress,
+    /// An external claim.
+    Claim,
+    /// Reserved by configuration (or the API's own port).
+    Reserved,
+}
+
+/// One row of `GET /ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PortEntry {
+    /// The port.
+    pub port: u16,
+    /// Owner kind.
+    pub kind: PortOwnerKind,
+    /// Ingress name, claim owner, or `reserved` / `api`.
+    pub owner: String,
+    /// The ingress ID when `kind` is `tcp_ingress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_id: Option<String>,
+    /// Whether the ingress's listener is bound (ingresses only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<bool>,
+}
+
+/// The body of `POST /certificates`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSpec {
+    /// Unique name.
+    #[schema(
+        pattern = "^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+        min_length = 1,
+        max_length = 63
+    )]
+    pub name: String,
+    /// PEM certificate chain, end-entity first.
+    pub cert_pem: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); never returned.
+    pub key_pem: String,
+}
+
+/// A stored certificate as the API shows it (never the key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// Unique name.
+    pub name: String,
+    /// DNS subject alternative names of the end-entity certificate.
+    pub sans: Vec<String>,
+    /// Start of validity, RFC 3339.
+    #[schema(format = DateTime)]
+    pub not_before: String,
+    /// End of validity, RFC 3339.
+    #[schema(format = DateTime)]
+    pub not_after: String,
+    /// Number of certificates in the chain.
+    pub chain_len: usize,
+    /// Upload time, RFC 3339.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+/// Checks a resource name: `^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`, 1–63 characters.
+pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
+    if crate::pattern::is_dns_label(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::InvalidName,
+            format!(
+                "{field}: {name:?} must match ^[a-z0-9]([a-z0-9-]*[a-z0-9])?$ (1-63 characters)"
+            ),
+        ))
+    }
+}
+
+fn validate_port(field: &str, port: u16) -> Result<(), ApiError> {
+    if port == 0 {
+        Err(ApiError::bad_request(format!("{field}: must be 1-65535")))
+    } else {
+        Ok(())
+    }
+}
+
+/// A rule after structural validation: pattern and template compiled.
+#[derive(Debug, Clone)]
+pub struct CheckedRule {
+    /// The compiled SNI pattern.
+    pub pattern: SniPattern,
+    /// The compiled instance template.
+    pub template: Template,
+}
+
+impl IngressSpec {
+    /// Lower-cases the spec and checks it on its own; returns the compiled rules in order.
+    pub fn validate(&mut self) -> Result<Vec<CheckedRule>, ApiError> {
+        validate_name("name", &self.name)?;
+        validate_port("listen_port", self.listen_port)?;
+        if self.rules.is_empty() && self.default_target.is_none() {
+            return Err(ApiError::bad_request(
+                "rules: at least one rule or a default_target is required",
+            ));
+        }
+        let invalid = |field: String, e: crate::pattern::PatternError| {
+            ApiError::new(ErrorCode::InvalidPattern, format!("{field}: {e}"))
+        };
+        let mut checked: Vec<CheckedRule> = Vec::with_capacity(self.rules.len());
+        for (i, rule) in self.rules.iter_mut().enumerate() {
+            let pattern = SniPattern::parse(&rule.match_.sni)
+                .map_err(|e| invalid(format!("rules[{i}].match.sni"), e))?;
+            let template = Template::parse(&rule.target.instance, &pattern)
+                .map_err(|e| invalid(format!("rules[{i}].target.instance"), e))?;
+            if let Some(name) = template.literal() {
+                validate_name(&format!("rules[{i}].target.instance"), name)?;
+            }
+            validate_port(&format!("rules[{i}].target.port"), rule.target.port)?;
+            if let Some((j, other)) = checked.iter().enumerate().find(|(_, c)| {
+                c.pattern.is_exact() == pattern.is_exact() && c.pattern.overlaps(&pattern)
+            }) {
+                return Err(ApiError::new(
+                    ErrorCode::SniConflict,
+                    format!(
+                        "rules[{i}].match.sni: {:?} can match the same hostname as rules[{j}] ({:?})",
+                        pattern.as_str(),
+                        other.pattern.as_str()
+                    ),
+                ));
+            }
+            rule.match_.sni = pattern.as_str().to_owned();
+            rule.target.instance = template.as_str().to_owned();
+            checked.push(CheckedRule { pattern, template });
+        }
+        if let Some(def) = &mut self.default_target {
+            def.instance = def.instance.to_ascii_lowercase();
+            validate_name("default_target.instance", &def.instance)?;
+            validate_port("default_target.port", def.port)?;
+        }
+        Ok(checked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Result<IngressSpec, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    fn rule(sni: &str, instance: &str) -> serde_json::Value {
+        serde_json::json!({"match": {"sni": sni}, "target": {"instance": instance, "port": 5432}})
+    }
+
+    fn check(rules: Vec<serde_json::Value>) -> Result<IngressSpec, ApiError> {
+        let mut s =
+            spec(serde_json::json!({"name": "pg", "listen_port": 5432, "rules": rules})).unwrap();
+        s.validate().map(|_| s)
+    }
+
+    #[test]
+    fn defaults_fill_mode_and_protocol() {
+        let s = check(vec![rule("Db.Example.com", "DB")]).unwrap();
+        assert_eq!(s.rules[0].mode, Mode::Terminate);
+        assert_eq!(s.rules[0].protocol, Protocol::Tls);
+        assert_eq!(s.rules[0].match_.sni, "db.example.com");
+        assert_eq!(s.rules[0].target.instance, "db");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_enums_are_refused() {
+        assert!(spec(serde_json::json!({"name": "a", "listen_port": 1, "x": 1})).is_err());
+        let mut r = rule("a.b", "c");
+        r["mode"] = "tunnel".into();
+        assert!(spec(serde_json::json!({"name": "a", "listen_port": 1, "rules": [r]})).is_err());
+        assert!(spec(serde_json::json!({"name": "a", "listen_port": 70000})).is_err());
+    }
+
+    #[test]
+    fn validation_table() {
+        let cases: Vec<(Vec<serde_json::Value>, ErrorCode, &str)> = vec![
+            (
+                vec![rule("pg-{id}.x.com", "a")],
+                ErrorCode::InvalidPattern,
+                "rules[0].match.sni: capture in \"pg-{id}\" must occupy a whole label",
+            ),
+            (
+                vec![rule("{id}.x.com", "pg-{other}")],
+                ErrorCode::InvalidPattern,
+                "rules[0].target.instance: uses {other}, which the SNI pattern does not capture",
+            ),
+            (
+                vec![rule("a.x.com", "Bad_Name")],
+                ErrorCode::InvalidPattern,
+                "rules[0].target.instance: character '_' cannot appear in an instance name",
+            ),
+            (
+                vec![rule("{a}.x.com", "i-{a}"), rule("{b}.x.com", "j-{b}")],
+                ErrorCode::SniConflict,
+                "rules[1].match.sni: \"{b}.x.com\" can match the same hostname as rules[0] (\"{a}.x.com\")",
+            ),
+            (
+                vec![rule("a.x.com", "i"), rule("A.X.com", "j")],
+                ErrorCode::SniConflict,
+                "rules[1].match.sni: \"a.x.com\" can match the same hostname as rules[0] (\"a.x.com\")",
+            ),
+            (
+                vec![],
+                ErrorCode::BadRequest,
+                "rules: at least one rule or a default_target is required",
+            ),
+        ];
+        for (rules, code, message) in cases {
+            let err = check(rules).unwrap_err();
+            assert_eq!((err.code, err.message.as_str()), (code, message));
+        }
+        // An exact hostname may sit beside a pattern that also matches it: exact wins.
+        check(vec![rule("a.x.com", "i"), rule("{b}.x.com", "j-{b}")]).unwrap();
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", "-a", "a-", "A", "a_b", &"a".repeat(64)] {
+            let mut s = spec(
+                serde_json::json!({"name": bad, "listen_port": 1, "rules": [rule("a.b", "c")]}),
+            )
+            .unwrap();
+            assert_eq!(
+                s.validate().unwrap_err().code,
+                ErrorCode::InvalidName,
+                "{bad}"
+            );
+        }
+        let mut s =
+            spec(serde_json::json!({"name": "a", "listen_port": 0, "rules": [rule("a.b", "c")]}))
+                .unwrap();
+        assert_eq!(
+            s.validate().unwrap_err(),
+            ApiError::bad_request("listen_port: must be 1-65535")
+        );
+    }
+}

@@ -1,0 +1,408 @@
+//! The per-listener routing table, compiled once per change and read without locks.
+//!
+//! Design: exact hostnames live in a hash map; patterns are grouped by label count, then by
+//! *shape* (which label positions are literal), most literal labels first. Within a shape a
+//! hash of the literal labels finds the candidates, which are then checked label by label, so a
+//! lookup costs one hash probe per shape instead of a scan over every rule. The hostname is
+//! lower-cased into a stack buffer, so exact matches and misses never allocate (a pattern match
+//! allocates only the rendered instance name). Tables are immutable; a change builds a new one and
+//! swaps it into the listener's [`SharedRoutes`] (`ArcSwap`), which readers `load()` lock-free.
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::hash::Hasher as _;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::error::ApiError;
+use crate::model::{Mode, Protocol, ProxyProtocol, TcpIngress};
+use crate::pattern::{Label, MAX_HOST_BYTES, SniPattern, Template, lower_ascii};
+
+/// A listener's current routing table, swapped atomically on every change.
+pub type SharedRoutes = Arc<ArcSwap<RouteTable>>;
+
+/// Most labels a hostname of [`MAX_HOST_BYTES`] can have.
+const MAX_LABELS: usize = MAX_HOST_BYTES.div_ceil(2);
+
+/// How a route was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteSource {
+    /// The SNI equals a rule's hostname.
+    Exact,
+    /// The SNI matched a rule's pattern.
+    Pattern,
+    /// No SNI, or no rule matched: the ingress's default target.
+    Default,
+}
+
+/// The routing decision for one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route<'a> {
+    /// How the route was chosen.
+    pub source: RouteSource,
+    /// Index of the rule in the ingress's `rules`, `None` for the default target.
+    pub rule_index: Option<usize>,
+    /// The instance name, captures substituted.
+    pub instance: Cow<'a, str>,
+    /// Backend port.
+    pub port: u16,
+    /// TLS handling; the default target is always passthrough.
+    pub mode: Mode,
+    /// Protocol in front of TLS.
+    pub protocol: Protocol,
+    /// PROXY protocol header to send, if any.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// The rule's SNI pattern (for logs), `None` for the default target.
+    pub sni_pattern: Option<&'a str>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    rule_index: usize,
+    pattern: SniPattern,
+    template: Template,
+    port: u16,
+    mode: Mode,
+    protocol: Protocol,
+    proxy_protocol: Option<ProxyProtocol>,
+}
+
+#[derive(Debug)]
+struct DefaultEntry {
+    instance: Box<str>,
+    port: u16,
+    protocol: Protocol,
+    proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Patterns of one label count sharing the same literal positions.
+#[derive(Debug)]
+struct Shape {
+    literal_positions: Box<[u8]>,
+    by_literals: HashMap<u64, Vec<u32>>,
+}
+
+/// An immutable routing table for one listener.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    entries: Vec<Entry>,
+    exact: HashMap<Box<str>, u32>,
+    /// Indexed by label count; shapes ordered by literal labels, most first.
+    shapes_by_len: Vec<Vec<Shape>>,
+    default: Option<DefaultEntry>,
+}
+
+fn literal_hash<'s>(labels: impl Iterator<Item = &'s str>) -> u64 {
+    // Fixed keys are fine: only operators insert keys, clients only probe.
+    let mut h = std::hash::DefaultHasher::new();
+    for l in labels {
+        h.write(l.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
+}
+
+impl RouteTable {
+    /// A table that routes nothing.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Compiles the table of a stored ingress (validating it again).
+    pub fn build(ingress: &TcpIngress) -> Result<Self, ApiError> {
+        let mut spec = ingress.spec();
+        let checked = spec.validate()?;
+        let mut table = Self::default();
+        for (i, (rule, c)) in spec.rules.iter().zip(checked).enumerate() {
+            let idx = u32::try_from(table.entries.len())
+                .map_err(|_| ApiError::bad_request("rules: too many rules"))?;
+            if c.pattern.is_exact() {
+                table.exact.insert(c.pattern.as_str().into(), idx);
+            } else {
+                table.insert_pattern(&c.pattern, idx);
+            }
+            table.entries.push(Entry {
+                rule_index: i,
+                pattern: c.pattern,
+                template: c.template,
+                port: rule.target.port,
+                mode: rule.mode,
+                protocol: rule.protocol,
+                proxy_protocol: rule.proxy_protocol,
+            });
+        }
+        for shapes in &mut table.shapes_by_len {
+            shapes.sort_by_key(|s| std::cmp::Reverse(s.literal_positions.len()));
+        }
+        table.default = spec.default_target.map(|d| DefaultEntry {
+            instance: d.instance.into(),
+            port: d.port,
+            protocol: d.protocol,
+            proxy_protocol: d.proxy_protocol,
+        });
+        Ok(table)
+    }
+
+    fn insert_pattern(&mut self, pattern: &SniPattern, idx: u32) {
+        let labels = pattern.labels();
+        let positions: Box<[u8]> = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l, Label::Literal(_)))
+            .filter_map(|(i, _)| u8::try_from(i).ok())
+            .collect();
+        let key = literal_hash(labels.iter().filter_map(|l| match l {
+            Label::Literal(s) => Some(&**s),
+            Label::Capture(_) => None,
+        }));
+        if self.shapes_by_len.len() <= labels.len() {
+            self.shapes_by_len.resize_with(labels.len() + 1, Vec::new);
+        }
+        let Some(shapes) = self.shapes_by_len.get_mut(labels.len()) else {
+            return;
+        };
+        let shape = match shapes.iter().position(|s| s.literal_positions == positions) {
+            Some(i) => &mut shapes[i],
+            None => {
+                shapes.push(Shape {
+                    literal_positions: positions,
+                    by_literals: HashMap::new(),
+                });
+                let last = shapes.len() - 1;
+                &mut shapes[last]
+            }
+        };
+        shape.by_literals.entry(key).or_default().push(idx);
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table has no rules and no default target.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.default.is_none()
+    }
+
+    /// Routes a connection by its SNI: exact match, then patterns (most literal labels first),
+    /// then the default target. `None` means the connection must be closed.
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Route<'_>> {
+        let mut buf = [0u8; MAX_HOST_BYTES];
+        if let Some(host) = sni.and_then(|s| lower_ascii(s, &mut buf)) {
+            if let Some(e) = self
+                .exact
+                .get(host)
+                .and_then(|i| self.entries.get(*i as usize))
+            {
+                return Some(self.route(e, RouteSource::Exact, host));
+            }
+            if let Some(e) = self.match_pattern(host) {
+                return Some(self.route(e, RouteSource::Pattern, host));
+            }
+        }
+        self.default.as_ref().map(|d| Route {
+            source: RouteSource::Default,
+            rule_index: None,
+            instance: Cow::Borrowed(&d.instance),
+            port: d.port,
+            mode: Mode::Passthrough,
+            protocol: d.protocol,
+            proxy_protocol: d.proxy_protocol,
+            sni_pattern: None,
+        })
+    }
+
+    fn match_pattern(&self, host: &str) -> Option<&Entry> {
+        let label_count = host.bytes().filter(|b| *b == b'.').count() + 1;
+        let shapes = self.shapes_by_len.get(label_count)?;
+        if shapes.is_empty() {
+            return None;
+        }
+        let mut labels = [""; MAX_LABELS];
+        let mut n = 0;
+        for (slot, l) in labels.iter_mut().zip(host.split('.')) {
+            *slot = l;
+            n += 1;
+        }
+        let labels = labels.get(..n)?;
+        for shape in shapes {
+            let key = literal_hash(
+                shape
+                    .literal_positions
+                    .iter()
+                    .map(|p| labels.get(usize::from(*p)).copied().unwrap_or_default()),
+            );
+            let Some(candidates) = shape.by_literals.get(&key) else {
+                continue;
+            };
+            for idx in candidates {
+                if let Some(e) = self.entries.get(*idx as usize)
+                    && e.pattern.matches(host)
+                {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+
+    fn route<'a>(&'a self, e: &'a Entry, source: RouteSource, host: &str) -> Route<'a> {
+        let instance = match e.template.literal() {
+            Some(name) => Cow::Borrowed(name),
+            None => Cow::Owned(e.template.render(host)),
+        };
+        Route {
+            source,
+            rule_index: Some(e.rule_index),
+            instance,
+            port: e.port,
+            mode: e.mode,
+            protocol: e.protocol,
+            proxy_protocol: e.proxy_protocol,
+            sni_pattern: Some(e.pattern.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingress(rules: serde_json::Value, default: Option<serde_json::Value>) -> TcpIngress {
+        let mut v = serde_json::json!({
+            "id": "abc", "name": "pg", "listen_port": 5432, "rules": rules,
+            "created_at": "2026-01-01T00:00:00Z"
+        });
+        if let Some(d) = default {
+            v["default_target"] = d;
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn rule(sni: &str, instance: &str, port: u16) -> serde_json::Value {
+        serde_json::json!({"match": {"sni": sni}, "target": {"instance": instance, "port": port},
+            "mode": "passthrough"})
+    }
+
+    fn table() -> RouteTable {
+        RouteTable::build(&ingress(
+            serde_json::json!([
+                rule("{id}.pg.example.com", "pg-{id}", 1),
+                rule("db.pg.example.com", "primary", 2),
+                rule("{a}.{b}.example.net", "x-{b}-{a}", 3),
+                rule("{id}.example.org", "org-{id}", 4),
+            ]),
+            Some(serde_json::json!({"instance": "fallback", "port": 9})),
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn exact_beats_pattern_beats_default() {
+        let t = table();
+        let r = t.lookup(Some("DB.pg.Example.com")).unwrap();
+        assert_eq!(
+            (r.source, r.instance.as_ref(), r.port),
+            (RouteSource::Exact, "primary", 2)
+        );
+        assert!(matches!(r.instance, Cow::Borrowed(_)));
+        let r = t.lookup(Some("db7.pg.example.com")).unwrap();
+        assert_eq!(
+            (r.source, r.instance.as_ref(), r.port),
+            (RouteSource::Pattern, "pg-db7", 1)
+        );
+        assert_eq!(r.sni_pattern, Some("{id}.pg.example.com"));
+        assert_eq!(r.rule_index, Some(0));
+        let r = t.lookup(Some("nope.example.com")).unwrap();
+        assert_eq!(
+            (r.source, r.instance.as_ref(), r.port),
+            (RouteSource::Default, "fallback", 9)
+        );
+        assert_eq!(r.mode, Mode::Passthrough);
+        let r = t.lookup(None).unwrap();
+        assert_eq!(r.source, RouteSource::Default);
+    }
+
+    #[test]
+    fn several_captures_render_in_template_order() {
+        let t = table();
+        let r = t.lookup(Some("x.qq.example.net")).unwrap();
+        assert_eq!((r.instance.as_ref(), r.port), ("x-qq-x", 3));
+    }
+
+    #[test]
+    fn overlapping_patterns_never_reach_a_table() {
+        let err = RouteTable::build(&ingress(
+            serde_json::json!([
+                rule("{id}.pg.example.com", "a", 1),
+                rule("{a}.{b}.example.com", "b", 2)
+            ]),
+            None,
+        ))
+        .unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::SniConflict);
+    }
+
+    #[test]
+    fn captures_never_match_more_than_one_label() {
+        let t = table();
+        assert_eq!(
+            t.lookup(Some("a.b.example.org")).unwrap().source,
+            RouteSource::Default
+        );
+        assert_eq!(
+            t.lookup(Some("a_b.example.org")).unwrap().source,
+            RouteSource::Default
+        );
+        assert_eq!(t.lookup(Some("")).unwrap().source, RouteSource::Default);
+        assert_eq!(
+            t.lookup(Some("ü.example.org")).unwrap().source,
+            RouteSource::Default
+        );
+        assert_eq!(
+            t.lookup(Some(&"a.".repeat(200))).unwrap().source,
+            RouteSource::Default
+        );
+    }
+
+    #[test]
+    fn no_default_means_no_route() {
+        let t = RouteTable::build(&ingress(serde_json::json!([rule("a.x.com", "a", 1)]), None))
+            .unwrap();
+        assert!(t.lookup(Some("b.x.com")).is_none());
+        assert!(t.lookup(None).is_none());
+        assert_eq!(t.lookup(Some("A.X.COM")).unwrap().instance, "a");
+        assert!(RouteTable::empty().lookup(Some("a.x.com")).is_none());
+    }
+
+    #[test]
+    fn ten_thousand_rules_route_correctly() {
+        let mut rules = Vec::new();
+        for i in 0..5_000 {
+            rules.push(rule(&format!("db{i}.example.com"), &format!("exact{i}"), 1));
+            rules.push(rule(
+                &format!("{{id}}.r{i}.example.com"),
+                &format!("r{i}-{{id}}"),
+                2,
+            ));
+        }
+        let t = RouteTable::build(&ingress(serde_json::Value::Array(rules), None)).unwrap();
+        assert_eq!(t.len(), 10_000);
+        for i in (0..5_000).step_by(97) {
+            assert_eq!(
+                t.lookup(Some(&format!("db{i}.example.com")))
+                    .unwrap()
+                    .instance,
+                format!("exact{i}")
+            );
+            assert_eq!(
+                t.lookup(Some(&format!("q.r{i}.example.com")))
+                    .unwrap()
+                    .instance,
+                format!("r{i}-q")
+            );
+        }
+        assert!(t.lookup(Some("q.r5000.example.com")).is_none());
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests for the control plane: the API over real HTTP, live changes with real
+//! flows, and restarts of the real `ingressd` binary.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests may unwrap")]
+
+mod api_http;
+mod common;
+mod dns;
+mod live_change;
+mod restart;

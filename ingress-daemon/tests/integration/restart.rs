@@ -1,0 +1,349 @@
+//! The real `ingressd` binary: configuration errors, `ctl`, and recovery after `kill -9`.
+use std::io::BufRead as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ingress_daemon::ctl::ApiClient;
+use serde_json::json;
+
+use crate::common::{TempDir, accepts, cert_pem, free_port, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ingressd");
+
+/// A running `ingressd` child process, killed (by PID, through its handle) on drop.
+struct Daemon {
+    child: Child,
+    api: String,
+}
+
+impl Daemon {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(BIN)
+            .env_clear()
+            .env("INGRESSD_DATA_DIR", data_dir)
+            .env("INGRESSD_API_LISTEN", "127.0.0.1:0")
+            .env("INGRESSD_LISTEN_ADDR", "127.0.0.1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[ingressd] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let api = wait_for("the api listening line", Duration::from_secs(30), || {
+            let line = rx.recv_timeout(Duration::from_millis(100)).ok()?;
+            if !line.contains("api listening") {
+                return None;
+            }
+            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+            Some(addr.to_owned())
+        });
+        Self { child, api }
+    }
+
+    fn client(&self) -> ApiClient {
+        ApiClient::new(self.api.clone(), None)
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .env_clear()
+            .arg("ctl")
+            .arg("--api")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bad_configuration_exits_64_with_one_line() {
+    let dir = TempDir::new("badcfg");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (
+            &[("INGRESSD_API_LISTEN", "0.0.0.0:0")],
+            "ingressd: api_listen: listening beyond loopback requires api_token or api_token_file\n",
+        ),
+        (
+            &[("INGRESSD_CONFIG", "/nonexistent/ingressd.toml")],
+            "ingressd: config file /nonexistent/ingressd.toml: No such file or directory (os error 2)\n",
+        ),
+        (
+            &[("INGRESSD_MAX_FLOWS", "many")],
+            "ingressd: INGRESSD_MAX_FLOWS: \"many\" is not an integer\n",
+        ),
+        (
+            &[("INGRESSD_OFFLOAD", "sometimes")],
+            "ingressd: configuration: unknown variant `sometimes`, expected one of `auto`, `off`, `required` in `offload`\n",
+        ),
+    ];
+    for (env, want) in cases {
+        let out = Command::new(BIN)
+            .env_clear()
+            .env("INGRESSD_DATA_DIR", dir.path())
+            .env("INGRESSD_API_LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{env:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), *want, "{env:?}");
+    }
+}
+
+#[test]
+fn everything_comes_back_after_kill_9_and_corrupt_records_are_reported() {
+    let dir = TempDir::new("restart");
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+
+    // Create through the operator CLI and the API.
+    d.ctl(&["instance", "put", "db", "127.0.0.1"]);
+    d.ctl(&["instance", "put", "cache", "127.0.0.3"]);
+    let (cert, key) = cert_pem(&["*.pg.example.com"]);
+    c.call(
+        "POST",
+        "/certificates",
+        Some(&json!({"name": "pg", "cert_pem": cert, "key_pem": key})),
+    )
+    .unwrap();
+    let claim = free_port();
+    c.call(
+        "PUT",
+        &format!("/port-claims/{claim}"),
+        Some(&json!({"owner": "http-ingress"})),
+    )
+    .unwrap();
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let out = d.ctl(&[
+        "ingress",
+        "create",
+        "--name",
+        "pg",
+        "--port",
+        &p1.to_string(),
+        "--rule",
+        "{id}.pg.example.com=pg-{id}:5432",
+    ]);
+    let pg: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rules = ["--rule", "db.example.com=db:5432,mode=passthrough"];
+    d.ctl(&[
+        "ingress",
+        "create",
+        "--name",
+        "plain",
+        "--port",
+        &p2.to_string(),
+        rules[0],
+        rules[1],
+        "--default",
+        "db:5433",
+    ]);
+    d.ctl(&[
+        "ingress",
+        "create",
+        "--name",
+        "doomed",
+        "--port",
+        &p3.to_string(),
+        "--default",
+        "db:1",
+    ]);
+    let list = d.ctl(&["ingress", "list"]);
+    assert!(list.starts_with("ID"), "{list}");
+    assert_eq!(list.lines().count(), 4, "{list}");
+    let got: serde_json::Value = serde_json::from_str(&d.ctl(&["ingress", "get", "pg"])).unwrap();
+    assert_eq!(got, pg);
+    assert_eq!(
+        d.ctl(&["instance", "list"]),
+        "NAME   ADDRESS\ncache  127.0.0.3\ndb     127.0.0.1\n"
+    );
+    let ports = d.ctl(&["ports"]);
+    assert!(ports.contains(&format!("{claim}  claim")), "{ports}");
+    let before: Vec<serde_json::Value> =
+        ["/tcp-ingresses", "/instances", "/certificates", "/ports"]
+            .iter()
+            .map(|p| c.call("GET", p, None).unwrap().json())
+            .collect();
+    assert!(accepts(p1) && accepts(p2) && accepts(p3));
+
+    d.kill9();
+
+    // Damage two records: truncate one ingress, garble one instance.
+    let doomed_id = before[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "doomed")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doomed_path = dir.path().join(format!("tcp-ingresses/{doomed_id}.json"));
+    let full = std::fs::read(&doomed_path).unwrap();
+    let truncated = full[..full.len() / 3].to_vec();
+    std::fs::write(&doomed_path, &truncated).unwrap();
+    let cache_path = dir.path().join("instances/cache.json");
+    std::fs::write(&cache_path, b"\0\0garbage").unwrap();
+
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    let after: Vec<serde_json::Value> = ["/tcp-ingresses", "/instances", "/certificates", "/ports"]
+        .iter()
+        .map(|p| c.call("GET", p, None).unwrap().json())
+        .collect();
+    let without = |v: &serde_json::Value, key: &str, val: &str| {
+        json!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x[key] != val)
+                .cloned()
+                .collect::<Vec<_>>()
+        )
+    };
+    assert_eq!(after[0], without(&before[0], "name", "doomed"));
+    assert_eq!(after[1], without(&before[1], "name", "cache"));
+    assert_eq!(after[2], before[2]);
+    let api_port: u64 = d.api.rsplit(':').next().unwrap().parse().unwrap();
+    let ports_after: Vec<_> = after[3]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["owner"] != "api" && p["owner"] != "doomed")
+        .cloned()
+        .collect();
+    let ports_before: Vec<_> = before[3]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["owner"] != "api" && p["owner"] != "doomed")
+        .cloned()
+        .collect();
+    assert_eq!(ports_after, ports_before);
+    assert!(
+        after[3]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["owner"] == "api" && p["port"] == api_port)
+    );
+    assert_eq!(
+        c.call(
+            "GET",
+            &format!("/tcp-ingresses/{}", pg["id"].as_str().unwrap()),
+            None
+        )
+        .unwrap()
+        .json(),
+        pg
+    );
+    assert!(accepts(p1) && accepts(p2));
+    assert!(!accepts(p3));
+
+    // Liveness stays green; readiness reports both damaged files; both are kept untouched.
+    assert_eq!(c.call("GET", "/healthz", None).unwrap().status, 200);
+    let ready = c.send("GET", "/readyz", &[], None).unwrap();
+    assert_eq!(ready.status, 200);
+    let ready = ready.json();
+    assert_eq!(ready["status"], json!("degraded"));
+    let failed: Vec<(String, String)> = ready["failed_records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_owned(),
+                f["reason"]
+                    .as_str()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            (
+                "instances/cache.json".to_owned(),
+                "corrupt or truncated".to_owned()
+            ),
+            (
+                format!("tcp-ingresses/{doomed_id}.json"),
+                "corrupt or truncated".to_owned()
+            ),
+        ]
+    );
+    let listeners = ready["listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 2);
+    assert_eq!(std::fs::read(&doomed_path).unwrap(), truncated);
+    assert_eq!(std::fs::read(&cache_path).unwrap(), b"\0\0garbage");
+
+    // The freed port can be taken again; the corrupt file is still not overwritten.
+    c.call("POST", "/tcp-ingresses", Some(&json!({"name": "doomed", "listen_port": p3, "default_target": {"instance": "db", "port": 1}}))).unwrap();
+    assert!(accepts(p3));
+    assert_eq!(std::fs::read(&doomed_path).unwrap(), truncated);
+    d.kill9();
+}
+
+#[test]
+fn sigterm_closes_listeners_and_exits_cleanly() {
+    let dir = TempDir::new("sigterm");
+    let mut d = Daemon::start(dir.path());
+    d.ctl(&["instance", "put", "db", "127.0.0.1"]);
+    let port = free_port();
+    d.ctl(&[
+        "ingress",
+        "create",
+        "--name",
+        "a",
+        "--port",
+        &port.to_string(),
+        "--default",
+        "db:1",
+    ]);
+    assert!(accepts(port));
+    let pid = d.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = wait_for("ingressd to exit", Duration::from_secs(20), || {
+        d.child.try_wait().unwrap()
+    });
+    assert_eq!(status.code(), Some(0));
+    assert!(!accepts(port));
+}
