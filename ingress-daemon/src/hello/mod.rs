@@ -10,7 +10,11 @@ mod parse;
 mod reader;
 
 #[cfg(test)]
-#[allow(clippy::expect_used, clippy::unwrap_used, reason = "a failing test panics")]
+#[allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a failing test panics"
+)]
 mod tests;
 
 pub use parse::{ClientHelloInfo, DEFAULT_MAX_HELLO_BYTES, ParseError, parse_client_hello};
