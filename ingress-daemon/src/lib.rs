@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`sys`]: every raw syscall (setsockopt, ioctl, `TCP_INFO`, `mmap`), each `unsafe` block
 //!   in one place.
+//! - [`connect`]: backend connect with a timeout; keepalive and `TCP_USER_TIMEOUT` on both
+//!   sockets of a flow.
 //! - [`hello`]: the ClientHello reader — a pure parser and a `MSG_PEEK` reader that leaves
 //!   the hello in the socket.
 //! - [`postgres`]: the Postgres `SSLRequest` preamble before a ClientHello, client and backend
@@ -13,6 +15,7 @@
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
 //!   that carry a flow's bytes between two established sockets.
 //! - `testing` (tests only): prerequisites, free loopback ports, temporary directories.
+pub mod connect;
 pub mod hello;
 pub mod policy;
 pub mod postgres;
