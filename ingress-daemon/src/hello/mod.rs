@@ -17,5 +17,8 @@ mod reader;
 )]
 mod tests;
 
+/// Default time a client has to deliver its whole ClientHello (and any Postgres preamble).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub use parse::{ClientHelloInfo, DEFAULT_MAX_HELLO_BYTES, ParseError, parse_client_hello};
 pub use reader::{HelloError, read_client_hello};
