@@ -10,8 +10,9 @@
 //! the kernel signals the next segment (epoll is edge-triggered: one event per arrival).
 //! A client that sends one byte per segment costs one wake-up and one peek per segment, all
 //! bounded by the cap and the deadline. `SO_RCVLOWAT` could batch those wake-ups, but it must
-//! be restored before the socket is spliced and, above a quarter of the receive buffer, it
-//! also clamps the TCP window for the life of the flow; it is not worth it here.
+//! be restored before the socket is spliced, and a value larger than the receive buffer can
+//! hold makes the kernel grow the buffer and clamp the TCP window for the life of the flow;
+//! it is not worth it here.
 //!
 //! tokio offers no readiness-free peek, so the slow path peeks through a duplicate of the
 //! descriptor (`dup(2)`, same open file, so the same non-blocking queue). The common case — the
