@@ -223,6 +223,25 @@ async fn client_that_closes_midway_is_closed_not_timed_out() {
 }
 
 #[tokio::test]
+async fn client_that_resets_midway_is_closed() {
+    let (mut client, server) = pair().await;
+    client
+        .write_all(&CAPTURED[1].bytes[..50])
+        .await
+        .expect("write");
+    let wait = read(&server, 5000);
+    let reset = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(client);
+    };
+    let (result, ()) = tokio::join!(wait, reset);
+    assert_eq!(result.expect_err("reset").reason(), "closed");
+}
+
+#[tokio::test]
 async fn hello_split_into_two_records_sent_byte_by_byte_is_read() {
     let c = &CAPTURED[4];
     let bytes = records(message_of(c.bytes), &[3]);
