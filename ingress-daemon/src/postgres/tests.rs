@@ -165,7 +165,7 @@ async fn silent_or_closing_clients_end_the_preamble() {
 async fn backend(answer: &'static [u8]) -> (TcpStream, tokio::task::JoinHandle<TcpStream>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut req = [0u8; 8];
         s.read_exact(&mut req).await.unwrap();
@@ -173,23 +173,23 @@ async fn backend(answer: &'static [u8]) -> (TcpStream, tokio::task::JoinHandle<T
         s.write_all(answer).await.unwrap();
         s
     });
-    (TcpStream::connect(addr).await.unwrap(), task)
+    (TcpStream::connect(addr).await.unwrap(), server)
 }
 
 #[tokio::test]
 async fn backend_must_answer_s_to_the_replayed_ssl_request() {
-    let (mut conn, task) = backend(b"S").await;
+    let (mut conn, server) = backend(b"S").await;
     start_backend_tls(&mut conn, soon()).await.unwrap();
-    let _ = task.await.unwrap();
+    let _ = server.await.unwrap();
 
-    let (mut conn, task) = backend(b"N").await;
+    let (mut conn, server) = backend(b"N").await;
     let err = start_backend_tls(&mut conn, soon()).await.unwrap_err();
     assert!(
         matches!(err, PgError::BackendRefusedTls { reply: b'N' }),
         "{err:?}"
     );
     assert_eq!(err.reason(), "backend_refused_tls");
-    let _ = task.await.unwrap();
+    let _ = server.await.unwrap();
 
     // A backend that closes without answering.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -208,12 +208,12 @@ async fn backend_must_answer_s_to_the_replayed_ssl_request() {
 
 #[tokio::test]
 async fn backend_answer_is_read_exactly_and_silence_times_out() {
-    let (mut conn, task) = backend(b"Sextra").await;
+    let (mut conn, server) = backend(b"Sextra").await;
     start_backend_tls(&mut conn, soon()).await.unwrap();
     let mut rest = [0u8; 5];
     conn.read_exact(&mut rest).await.unwrap();
     assert_eq!(&rest, b"extra");
-    let _ = task.await.unwrap();
+    let _ = server.await.unwrap();
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut conn = TcpStream::connect(listener.local_addr().unwrap())

@@ -87,7 +87,7 @@ async fn capture_rustls(name: &str) {
         let _ = connector.connect(server_name, tcp).await;
     });
     capture_one(&listener, name).await;
-    client.await.expect("client task");
+    client.await.expect("rustls client");
 }
 
 #[tokio::test]
