@@ -18,6 +18,16 @@
 //! - [`cli`] and [`ctl`]: the command line, and the operator client speaking to the API.
 //! - [`sys`]: every raw syscall (setsockopt, ioctl, `TCP_INFO`, `mmap`), each `unsafe` block
 //!   in one place.
+//! - [`connect`]: backend connect with a timeout; keepalive and `TCP_USER_TIMEOUT` on both
+//!   sockets of a flow.
+//! - [`hello`]: the ClientHello reader — a pure parser and a `MSG_PEEK` reader that leaves
+//!   the hello in the socket.
+//! - [`postgres`]: the Postgres `SSLRequest` preamble before a ClientHello, client and backend
+//!   side, read to the exact byte.
+//! - [`policy`]: the backend address policy — CIDR allow-list, never link-local, never the API.
+//! - [`proxy_protocol`]: PROXY protocol v1/v2 headers for the backend.
+//! - [`resolve`]: instance name → address, from the static registry or DNS with a TTL cache.
+//! - `testing` (tests only): prerequisites, free loopback ports, temporary directories.
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
 //!   that carry a flow's bytes between two established sockets.
 pub mod api;
@@ -25,15 +35,29 @@ pub mod backend;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod connect;
 pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod error;
+pub mod hello;
 pub mod listeners;
 pub mod model;
 pub mod pattern;
+pub mod policy;
+pub mod postgres;
+pub mod proxy_protocol;
+pub mod resolve;
 pub mod resolver;
 pub mod route;
 pub mod splice;
 pub mod store;
 pub mod sys;
+
+#[cfg(test)]
+#[allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a failing test panics"
+)]
+mod testing;
