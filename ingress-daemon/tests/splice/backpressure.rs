@@ -160,29 +160,29 @@ async fn slow_backend(offload: Offload, reverse: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_slow_backend_slows_the_client_kernel_path() {
+async fn serial_slow_backend_slows_the_client_kernel_path() {
     slow_backend(Offload::Required, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_slow_backend_slows_the_client_userspace_relay() {
+async fn serial_slow_backend_slows_the_client_userspace_relay() {
     slow_backend(Offload::Off, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_slow_backend_with_busy_reverse_direction_kernel_path() {
+async fn serial_slow_backend_with_busy_reverse_direction_kernel_path() {
     slow_backend(Offload::Required, 512 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_slow_backend_with_busy_reverse_direction_userspace_relay() {
+async fn serial_slow_backend_with_busy_reverse_direction_userspace_relay() {
     slow_backend(Offload::Off, 512 << 20).await;
 }
 
 /// Both directions busy, the backend reading slowly, and the gate forced shut and open again
 /// every 3 ms: nothing is lost, duplicated or reordered, and both paths really carried bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_forced_pause_resume_cycling_is_exact() {
+async fn serial_forced_pause_resume_cycling_is_exact() {
     let _serial = serial();
     let Some(engine) = engine(Offload::Required, |_| {}) else {
         return;

@@ -68,16 +68,16 @@ async fn bulk(offload: Offload, total: u64, concurrent: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_one_gib_each_way_kernel_path() {
+async fn serial_one_gib_each_way_kernel_path() {
     bulk(Offload::Required, GIB, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_one_gib_both_ways_at_once_kernel_path() {
+async fn serial_one_gib_both_ways_at_once_kernel_path() {
     bulk(Offload::Required, GIB, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_one_gib_each_way_userspace_relay() {
+async fn serial_one_gib_each_way_userspace_relay() {
     bulk(Offload::Off, GIB, true).await;
 }

@@ -114,7 +114,7 @@ async fn thousand_flows(engine: Engine) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_thousand_concurrent_flows_kernel_path() {
+async fn serial_thousand_concurrent_flows_kernel_path() {
     let _serial = serial();
     if let Some(engine) = engine(Offload::Required, |_| {}) {
         thousand_flows(engine).await;
@@ -122,7 +122,7 @@ async fn bulk_thousand_concurrent_flows_kernel_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_thousand_concurrent_flows_userspace_relay() {
+async fn serial_thousand_concurrent_flows_userspace_relay() {
     let _serial = serial();
     if let Some(engine) = engine(Offload::Off, |_| {}) {
         thousand_flows(engine).await;
