@@ -130,6 +130,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 impl FromStr for Cidr {
     type Err = String;
+    /// Parses `addr/len`, or a bare address as a single-host network. An IPv4-mapped IPv6
+    /// network (`::ffff:10.0.0.0/104`) is stored as IPv4 (`10.0.0.0/8`).
     fn from_str(s: &str) -> Result<Self, String> {
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
@@ -139,13 +141,28 @@ impl FromStr for Cidr {
             .parse()
             .map_err(|_| format!("{s:?} is not an IP network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bad_len = || format!("{s:?} has a bad prefix length");
         let prefix_len = match len {
-            Some(l) => l
+            // Digits only: `u8::from_str` would also take `+8`.
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => l
                 .parse::<u8>()
                 .ok()
                 .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+                .ok_or_else(bad_len)?,
+            Some(_) => return Err(bad_len()),
             None => max,
+        };
+        let (addr, prefix_len) = match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (
+                    IpAddr::V4(v4),
+                    prefix_len.checked_sub(96).ok_or_else(|| {
+                        format!("{s:?} is shorter than the IPv4-mapped range (/96)")
+                    })?,
+                ),
+                None => (addr, prefix_len),
+            },
+            IpAddr::V4(_) => (addr, prefix_len),
         };
         let addr = match addr {
             IpAddr::V4(a) => {
@@ -642,15 +659,38 @@ mod tests {
     }
 
     #[test]
-    fn cidr_contains_and_normalises() {
-        let net: Cidr = "10.1.2.3/8".parse().unwrap();
+    fn cidrs_parse_contain_and_print() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+        let net = cidr("10.1.2.3/8");
         assert_eq!(net.to_string(), "10.0.0.0/8");
         assert!(net.contains("10.255.0.1".parse().unwrap()));
-        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(
+            net.contains("::ffff:10.0.0.1".parse().unwrap()),
+            "mapped addresses are unwrapped"
+        );
         assert!(!net.contains("11.0.0.1".parse().unwrap()));
-        let all: Cidr = "::/0".parse().unwrap();
-        assert!(all.contains("fe80::1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert_eq!(cidr("::1").to_string(), "::1/128");
+        assert_eq!(cidr("192.0.2.7").to_string(), "192.0.2.7/32");
+        assert_eq!(cidr("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
+        assert!(cidr("::ffff:10.0.0.0/104").contains("10.9.9.9".parse().unwrap()));
+        assert!(cidr("0.0.0.0/0").contains("203.0.113.9".parse().unwrap()));
+        assert!(!cidr("0.0.0.0/0").contains("2001:db8::1".parse().unwrap()));
+        assert!(cidr("::/0").contains("2001:db8::1".parse().unwrap()));
+        assert!(cidr("::/0").contains("fe80::1".parse().unwrap()));
+        assert!(cidr("fc00::/7").contains("fd12:3456::1".parse().unwrap()));
+        assert!(!cidr("fc00::/7").contains("fe00::1".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0/8",
+            "10.0.0.0/+8",
+            "10.0.0.0/ 8",
+            "x",
+            "::ffff:1.2.3.4/95",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
     }
 
     #[test]
