@@ -263,6 +263,10 @@ pub struct Config {
     pub dns_server: Option<SocketAddr>,
     /// Suffix appended to an instance name for DNS resolution (`{instance}.<suffix>`).
     pub dns_suffix: Option<String>,
+    /// Time one DNS lookup of an instance may take.
+    pub resolve_timeout_ms: u64,
+    /// Time a DNS answer that an instance does not exist is remembered.
+    pub dns_negative_ttl_ms: u64,
     /// Access log destination: `stderr`, `off` or a file path.
     pub access_log: AccessLog,
     /// Largest API request body, in bytes.
@@ -289,6 +293,8 @@ impl Default for Config {
             backend_allow: default_backend_allow(),
             dns_server: None,
             dns_suffix: None,
+            resolve_timeout_ms: 2_000,
+            dns_negative_ttl_ms: 5_000,
             access_log: AccessLog::Stderr,
             api_max_body_bytes: 1 << 20,
         }
@@ -338,6 +344,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("backend_allow", Kind::List),
     ("dns_server", Kind::Str),
     ("dns_suffix", Kind::Str),
+    ("resolve_timeout_ms", Kind::Int),
+    ("dns_negative_ttl_ms", Kind::Int),
     ("access_log", Kind::Str),
     ("api_max_body_bytes", Kind::Int),
 ];
@@ -466,6 +474,12 @@ impl Config {
             if !ok {
                 return Err(invalid("dns_suffix", "must be a lower-case DNS name"));
             }
+        }
+        if !(1..=60_000).contains(&self.resolve_timeout_ms) {
+            return Err(invalid("resolve_timeout_ms", "must be between 1 and 60000"));
+        }
+        if self.dns_negative_ttl_ms > 3_600_000 {
+            return Err(invalid("dns_negative_ttl_ms", "must be at most 3600000"));
         }
         if self.dns_server.is_some() && self.dns_suffix.is_none() {
             return Err(invalid("dns_server", "needs dns_suffix"));
@@ -691,6 +705,30 @@ mod tests {
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn resolver_settings_are_bounded() {
+        for (env, value, key) in [
+            ("INGRESSD_RESOLVE_TIMEOUT_MS", "0", "resolve_timeout_ms"),
+            ("INGRESSD_RESOLVE_TIMEOUT_MS", "60001", "resolve_timeout_ms"),
+            (
+                "INGRESSD_DNS_NEGATIVE_TTL_MS",
+                "3600001",
+                "dns_negative_ttl_ms",
+            ),
+        ] {
+            let c = Config::load(&sources(&[(env, value)])).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with(key), "{env}={value}: {err}");
+        }
+        let c = Config::load(&sources(&[
+            ("INGRESSD_RESOLVE_TIMEOUT_MS", "250"),
+            ("INGRESSD_DNS_NEGATIVE_TTL_MS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!((c.resolve_timeout_ms, c.dns_negative_ttl_ms), (250, 0));
+        assert!(c.validate().is_ok());
     }
 
     #[test]

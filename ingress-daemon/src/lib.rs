@@ -11,8 +11,7 @@
 //! - [`certs`]: stored certificates and their selection by SNI for terminate mode.
 //! - [`backend`]: the static instance registry and the backend address policy — CIDR
 //!   allow-list, never link-local, never the API.
-//! - [`resolver`]: instance name → address, static registry first, then DNS.
-//! - [`resolve`]: instance name → address, from the static registry or DNS with a TTL cache.
+//! - [`resolver`]: instance name → address, static registry first, then DNS with a TTL cache.
 //! - [`store`]: durable one-file-per-record storage; corrupt files are reported and kept.
 //! - [`listeners`]: binding ingress ports and the [`listeners::ConnectionHandler`] hand-off.
 //! - [`control`]: every control-plane operation, applied to store, listeners and tables.
@@ -46,7 +45,6 @@ pub mod model;
 pub mod pattern;
 pub mod postgres;
 pub mod proxy_protocol;
-pub mod resolve;
 pub mod resolver;
 pub mod route;
 pub mod splice;
