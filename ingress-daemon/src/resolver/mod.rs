@@ -3,7 +3,7 @@
 //! Design: an instance name is one DNS label, matched case-insensitively, so `a.b` can never
 //! reach `a.b.<suffix>`. The static registry ([`Instances`]) answers without I/O or locks.
 //! When `dns_suffix` is configured, names it does not know are looked up as the fully
-//! qualified `{instance}.{suffix}.` (see [`dns`]): through `dns_server`, else the system's
+//! qualified `{instance}.{suffix}.` (see `dns.rs`): through `dns_server`, else the system's
 //! resolv.conf, with answers cached for their record's TTL and names that do not exist cached
 //! for `dns_negative_ttl_ms`, each lookup bounded by `resolve_timeout_ms`. The control plane
 //! resolves literal targets at create time; the data path resolves on every connection, then
