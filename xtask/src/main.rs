@@ -7,12 +7,14 @@
 //!   bpffs and, for tests, the servers and clients the end-to-end tests drive.
 //! - [`step`]: named, timed steps with a summary.
 //! - [`suite`]: `cargo xtask test` — setup, then the test suite; the serial-test convention.
+//! - [`schema`]: API conformance — schemathesis against a running daemon's `/openapi.json`.
 //! - [`launch`]: `cargo xtask run` — build and exec the daemon.
 #![forbid(unsafe_code)]
 
 mod apt;
 mod context;
 mod launch;
+mod schema;
 mod setup;
 mod step;
 mod suite;
