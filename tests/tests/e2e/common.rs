@@ -32,7 +32,6 @@ pub fn kernel_daemon(extra_env: &[(&str, &str)]) -> Option<Daemon> {
 
 /// An ingress listening on a leased port (released when dropped).
 pub struct Ingress {
-    pub id: String,
     pub port: PortLease,
 }
 
@@ -55,12 +54,8 @@ pub fn create_ingress(
     if let Some(default_target) = default_target {
         body["default_target"] = default_target;
     }
-    let created = api.create_ingress(&body).unwrap();
-    let id = created.assert_status(201)["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    Ingress { id, port }
+    api.create_ingress(&body).unwrap().assert_status(201);
+    Ingress { port }
 }
 
 /// A rule matching `sni` to `instance:port` in `mode`.
