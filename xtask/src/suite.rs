@@ -9,9 +9,12 @@
 //!
 //! # Adding a step
 //! Append a [`Step`] in [`steps`]: `Step::required` when later steps need it to pass,
-//! `Step::independent` otherwise. Planned: a short `cargo fuzz` run per target, schemathesis
-//! against a daemon's `/openapi.json` (setup already installs it, see [`crate::setup::venv_dir`]),
-//! and the kernel matrix (Debian 6.1 and 6.12 under qemu).
+//! `Step::independent` otherwise. Planned: a short `cargo fuzz` run per target, and schemathesis
+//! against a daemon's `/openapi.json` (setup already installs it, see [`crate::setup::venv_dir`]).
+//!
+//! # Kernel matrix
+//! After the host's tests, the splice engine's tests run again on Debian's 6.1 and 6.12 kernels
+//! under qemu ([`crate::vmtest`]), preceded by a check that a failing guest fails the step.
 use std::{env, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result};
@@ -20,6 +23,7 @@ use crate::{
     context::{Ctx, run},
     setup::{self, Scope},
     step::{self, Step},
+    vmtest,
 };
 
 /// Tests whose names contain this run alone, after the others.
@@ -47,7 +51,7 @@ pub fn test(ctx: &mut Ctx, no_setup: bool) -> Result<()> {
 
 /// The packages built and tested: the workspace without the eBPF crate, which only builds for
 /// the BPF target (the daemon's build script builds it).
-const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "ingress-ebpf"];
+pub const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "ingress-ebpf"];
 
 /// The steps of `cargo xtask test`, in order.
 fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
@@ -79,6 +83,20 @@ fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
         // Doc tests were run by the previous step; `--tests` leaves them out.
         cmd.args(["--tests", "--", SERIAL_PREFIX, "--test-threads=1"]);
         run(&mut cmd)
+    }));
+    steps.push(Step::independent("kernel matrix self-check", |ctx| {
+        vmtest::self_check(ctx)
+    }));
+    steps.push(Step::independent("kernel matrix", |ctx| {
+        vmtest::vmtest(
+            ctx,
+            &vmtest::Options {
+                which: vmtest::Which::All,
+                scale_mib: vmtest::DEFAULT_SCALE_MIB,
+                timeout: vmtest::DEFAULT_TIMEOUT,
+                test_args: Vec::new(),
+            },
+        )
     }));
     steps
 }
