@@ -156,6 +156,9 @@ fn run_kernel(
     );
     let run = boot(&kernel, &initrd, &cache.join("logs"), options.timeout, true)?;
     run.check()?;
+    for fact in &run.facts {
+        println!("  kernel {}: {fact}", kernel.release);
+    }
     let mut summary = format!(
         "{:<34} {:>7} (boot {:.0?})",
         kernel.package,
@@ -217,7 +220,7 @@ fn suite_script(args: &[String]) -> String {
     )
 }
 
-/// `name`, `tag`, verified instructions and sizes of each sk_skb program in a
+/// Name and sizes the kernel reports after verification for each sk_skb program in a
 /// `bpftool -j prog show` listing.
 fn program_sizes(listing: &str) -> Result<String> {
     let progs: serde_json::Value = serde_json::from_str(listing).context("parsing the JSON")?;
@@ -226,14 +229,18 @@ fn program_sizes(listing: &str) -> Result<String> {
         if prog["type"] != "sk_skb" {
             continue;
         }
-        let field = |key: &str| prog[key].as_u64().map_or("?".to_owned(), |n| n.to_string());
-        out.push(format!(
-            "{} (sk_skb): {} insns verified, xlated {} B, jited {} B",
+        let xlated = prog["bytes_xlated"].as_u64().unwrap_or(0);
+        let mut line = format!(
+            "{} (sk_skb): xlated {xlated} B ({} insns), jited {} B",
             prog["name"].as_str().unwrap_or("?"),
-            field("verified_insns"),
-            field("bytes_xlated"),
-            field("bytes_jited"),
-        ));
+            xlated / 8,
+            prog["bytes_jited"].as_u64().unwrap_or(0),
+        );
+        // Newer bpftool releases also show how many instructions the verifier walked.
+        if let Some(verified) = prog["verified_insns"].as_u64() {
+            let _ = write!(line, ", {verified} insns verified");
+        }
+        out.push(line);
     }
     Ok(out.join("; "))
 }
@@ -365,7 +372,7 @@ mod tests {
         let listing = r#"[{"id":3,"type":"cgroup_skb","name":"x"},{"id":7,"type":"sk_skb","name":"verdict","tag":"ab","bytes_xlated":1200,"bytes_jited":800,"verified_insns":312}]"#;
         assert_eq!(
             program_sizes(listing).unwrap(),
-            "verdict (sk_skb): 312 insns verified, xlated 1200 B, jited 800 B"
+            "verdict (sk_skb): xlated 1200 B (150 insns), jited 800 B, 312 insns verified"
         );
     }
 }

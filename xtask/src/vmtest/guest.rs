@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::initramfs::{BEGIN_MARKER, BPF_MARKER, EXIT_MARKER, SETUP_FAILED};
+use super::initramfs::{BEGIN_MARKER, BPF_MARKER, EXIT_MARKER, FACT_MARKER, SETUP_FAILED};
 use crate::context::display;
 
 /// What to boot, and how.
@@ -52,6 +52,8 @@ pub struct Run {
     pub total: Duration,
     /// The `bpftool -j prog show` listing the guest captured, if any.
     pub bpf: Option<String>,
+    /// Facts about the kernel the guest printed.
+    pub facts: Vec<String>,
     /// The console log.
     pub log: PathBuf,
 }
@@ -152,6 +154,7 @@ pub fn boot(boot: &Boot) -> Result<Run> {
         boot: console.begun,
         total,
         bpf: console.bpf,
+        facts: console.facts,
         log: boot.log.to_owned(),
     })
 }
@@ -162,6 +165,7 @@ struct Console {
     begun: Option<Duration>,
     exit: Option<i32>,
     bpf: Option<String>,
+    facts: Vec<String>,
 }
 
 impl Console {
@@ -172,6 +176,11 @@ impl Console {
         }
         if let Some(at) = line.find(BPF_MARKER) {
             self.bpf = Some(line[at + BPF_MARKER.len()..].trim().to_owned());
+            return false;
+        }
+        if let Some(at) = line.find(FACT_MARKER) {
+            self.facts
+                .push(line[at + FACT_MARKER.len()..].trim().to_owned());
             return false;
         }
         if let Some(at) = line.find(EXIT_MARKER) {
@@ -206,8 +215,9 @@ fn read_console(
         log.write_all(&raw)?;
         let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end();
-        if console.line(line, started.elapsed()) && echo {
-            println!("  [{label}] {line}");
+        let since_start = started.elapsed();
+        if console.line(line, since_start) && echo {
+            println!("  [{label} {:>4}s] {line}", since_start.as_secs());
         }
     }
 }
@@ -262,6 +272,7 @@ mod tests {
             boot: None,
             total: Duration::from_secs(1),
             bpf: None,
+            facts: Vec::new(),
             log: dir.join("no-such-vmtest.log"),
         };
         assert!(run(End::Exited(0)).check().is_ok());

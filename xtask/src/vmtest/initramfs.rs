@@ -20,6 +20,10 @@ pub const EXIT_MARKER: &str = "INGRESSD-VMTEST-EXIT=";
 /// while the suite had programs loaded.
 pub const BPF_MARKER: &str = "INGRESSD-VMTEST-BPF ";
 
+/// Printed by the guest before [`EXIT_MARKER`], followed by a fact about the kernel the engine
+/// depends on (e.g. where `tcp_sock.bytes_acked` sits, from the kernel's BTF).
+pub const FACT_MARKER: &str = "INGRESSD-VMTEST-FACT ";
+
 /// The exit code `/init` reports when preparing the guest failed.
 pub const SETUP_FAILED: i32 = 125;
 
@@ -257,6 +261,13 @@ probe=$!
         let _ = writeln!(
             s,
             "[ -s /run/bpf-progs.json ] && echo \"{BPF_MARKER}$(cat /run/bpf-progs.json)\""
+        );
+        // The verdict program reads tcp_sock.bytes_acked at an offset taken from this BTF.
+        let _ = writeln!(
+            s,
+            "bpftool btf dump file /sys/kernel/btf/vmlinux 2>/dev/null | awk \
+             '/^\\[[0-9]+\\] STRUCT .tcp_sock. /{{s=1; print \"{FACT_MARKER}\" $0; next}} \
+             s && /^\\[/{{exit}} s && /.bytes_acked./{{print \"{FACT_MARKER}\" $0}}'"
         );
     }
     let _ = writeln!(s, "echo\necho \"{EXIT_MARKER}$rc\"\npoweroff -f");
