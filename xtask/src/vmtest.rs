@@ -156,9 +156,6 @@ fn run_kernel(
     );
     let run = boot(&kernel, &initrd, &cache.join("logs"), options.timeout, true)?;
     run.check()?;
-    for fact in &run.facts {
-        println!("  kernel {}: {fact}", kernel.release);
-    }
     let mut summary = format!(
         "{:<34} {:>7} (boot {:.0?})",
         kernel.package,
@@ -167,12 +164,39 @@ fn run_kernel(
     );
     match run.bpf.as_deref().map(program_sizes) {
         Some(Ok(sizes)) if !sizes.is_empty() => {
-            let _ = write!(summary, "  {sizes}");
+            let _ = write!(summary, "\n                program {sizes}");
         }
         Some(Err(e)) => println!("  note: cannot read the guest's bpftool listing: {e:#}"),
         _ => println!("  note: the guest saw no sk_skb program loaded"),
     }
+    match bytes_acked_offset(&run.facts) {
+        Some(at) => {
+            let _ = write!(summary, "\n                BTF {at}");
+        }
+        None => println!("  note: the guest's BTF showed no tcp_sock.bytes_acked"),
+    }
     Ok(summary)
+}
+
+/// `tcp_sock.bytes_acked at byte N of M` from the guest's BTF dump lines: the verdict program
+/// reads the field at this offset, which differs between kernels.
+fn bytes_acked_offset(facts: &[String]) -> Option<String> {
+    let value = |line: &str, key: &str| -> Option<u64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let size = facts
+        .iter()
+        .find(|f| f.contains("STRUCT 'tcp_sock'"))
+        .and_then(|f| value(f, "size="))?;
+    let bits = facts
+        .iter()
+        .find(|f| f.contains("'bytes_acked'"))
+        .and_then(|f| value(f, "bits_offset="))?;
+    Some(format!(
+        "tcp_sock.bytes_acked at byte {} of {size}",
+        bits / 8
+    ))
 }
 
 fn boot(
@@ -365,6 +389,19 @@ mod tests {
             suite_script(&["it's".into()]),
             "exec /usr/bin/splice 'it'\\''s'\n"
         );
+    }
+
+    #[test]
+    fn the_bytes_acked_offset_comes_from_the_btf_dump() {
+        let facts = [
+            "[22102] STRUCT 'tcp_sock' size=2280 vlen=142".to_owned(),
+            "'bytes_acked' type_id=46 bits_offset=11968".to_owned(),
+        ];
+        assert_eq!(
+            bytes_acked_offset(&facts).as_deref(),
+            Some("tcp_sock.bytes_acked at byte 1496 of 2280")
+        );
+        assert_eq!(bytes_acked_offset(&facts[..1]), None);
     }
 
     #[test]
