@@ -75,7 +75,7 @@ pub struct Options {
 pub const DEFAULT_SCALE_MIB: u32 = 256;
 
 /// A guest still running after this long is killed.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Modules the tests need that Debian builds as modules: `veth`, for the liveness tests'
 /// network namespaces. The splice engine itself needs none (sockmap is built in).
