@@ -155,26 +155,31 @@ fn run_kernel(
         started.elapsed()
     );
     let run = boot(&kernel, &initrd, &cache.join("logs"), options.timeout, true)?;
-    run.check()?;
-    let mut summary = format!(
-        "{:<34} {:>7} (boot {:.0?})",
-        kernel.package,
-        format!("{:.0?}", run.total),
-        run.boot.unwrap_or_default()
-    );
+    // What the guest saw of the kernel is worth reading whether the suite passed or not.
+    let mut details = String::new();
     match run.bpf.as_deref().map(program_sizes) {
         Some(Ok(sizes)) if !sizes.is_empty() => {
-            let _ = write!(summary, "\n                program {sizes}");
+            let _ = write!(details, "\n                program {sizes}");
         }
         Some(Err(e)) => println!("  note: cannot read the guest's bpftool listing: {e:#}"),
         _ => println!("  note: the guest saw no sk_skb program loaded"),
     }
     match bytes_acked_offset(&run.facts) {
         Some(at) => {
-            let _ = write!(summary, "\n                BTF {at}");
+            let _ = write!(details, "\n                BTF {at}");
         }
         None => println!("  note: the guest's BTF showed no tcp_sock.bytes_acked"),
     }
+    if let Err(e) = run.check() {
+        println!("  kernel {}:{details}", kernel.release);
+        return Err(e);
+    }
+    let summary = format!(
+        "{:<34} {:>7} (boot {:.0?}){details}",
+        kernel.package,
+        format!("{:.0?}", run.total),
+        run.boot.unwrap_or_default()
+    );
     Ok(summary)
 }
 
@@ -264,7 +269,10 @@ fn program_sizes(listing: &str) -> Result<String> {
         if let Some(verified) = prog["verified_insns"].as_u64() {
             let _ = write!(line, ", {verified} insns verified");
         }
-        out.push(line);
+        // Parallel tests load the same program more than once.
+        if !out.contains(&line) {
+            out.push(line);
+        }
     }
     Ok(out.join("; "))
 }
@@ -406,7 +414,7 @@ mod tests {
 
     #[test]
     fn program_sizes_come_from_the_sk_skb_entries() {
-        let listing = r#"[{"id":3,"type":"cgroup_skb","name":"x"},{"id":7,"type":"sk_skb","name":"verdict","tag":"ab","bytes_xlated":1200,"bytes_jited":800,"verified_insns":312}]"#;
+        let listing = r#"[{"id":3,"type":"cgroup_skb","name":"x"},{"id":7,"type":"sk_skb","name":"verdict","tag":"ab","bytes_xlated":1200,"bytes_jited":800,"verified_insns":312},{"id":8,"type":"sk_skb","name":"verdict","tag":"ab","bytes_xlated":1200,"bytes_jited":800,"verified_insns":312}]"#;
         assert_eq!(
             program_sizes(listing).unwrap(),
             "verdict (sk_skb): xlated 1200 B (150 insns), jited 800 B, 312 insns verified"
