@@ -62,6 +62,8 @@ pub struct Parts {
     pub handler: Arc<dyn ConnectionHandler>,
     /// Extra `/readyz` components (e.g. the eBPF splice engine).
     pub probes: Vec<Arc<dyn ReadinessProbe>>,
+    /// Metrics and live flows of the data path, for `/metrics` and `/flows`.
+    pub observe: Option<Arc<dyn crate::api::Observe>>,
 }
 
 /// Loads the store, binds the ingress listeners and serves the API on `api` until `shutdown`
@@ -80,6 +82,7 @@ pub async fn run(
     control.load().await;
     let mut state = AppState::new(control.clone(), parts.token);
     state.probes = Arc::new(parts.probes);
+    state.observe = parts.observe;
     tracing::info!(addr = %api_addr, data_dir = %control.store().root().display(), "api listening");
     let served = api::serve(api, api::app(state), shutdown).await;
     control.shutdown().await;
