@@ -298,7 +298,7 @@ fn setup(extra_env: &[(&str, &str)]) -> Setup {
     let access_log = dir.path().join("access.log");
     let mut env = vec![
         ("INGRESSD_ACCESS_LOG", access_log.to_str().unwrap()),
-        ("INGRESSD_HANDSHAKE_TIMEOUT_MS", "1500"),
+        ("INGRESSD_HANDSHAKE_TIMEOUT_MS", "3000"),
     ];
     env.extend_from_slice(extra_env);
     let daemon = Ingressd::start(&dir.path().join("data"), &env);
@@ -398,7 +398,7 @@ fn metrics_and_access_log_account_for_every_flow_and_refusal() {
     let mut huge = vec![0x16, 3, 1, 0x40, 0, 1, 0, 0xff, 0xff];
     huge.resize(5 + 16384, 0);
     refused(port, &huge, false); // hello_too_large
-    refused(port, &[], false); // hello_timeout (1.5 s)
+    refused(port, &[], false); // hello_timeout (3 s)
     refused(port, &[], true); // client_closed
     refused(port, &client_hello("127.0.0.1", &[]), false); // no_sni
     refused(port, &client_hello("nope.obs.test", &[]), false); // unknown_sni
