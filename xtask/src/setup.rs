@@ -115,6 +115,11 @@ const TEST_PACKAGES: &[Package] = &[
         None,
     ),
     pkg("procps", "ps/pgrep-style process inspection in tests", None),
+    pkg(
+        "prometheus",
+        "`promtool check metrics` validates the daemon's /metrics exposition",
+        Some("prometheus"),
+    ),
     pkg("python3-pip", "installs schemathesis", None),
     pkg(
         "python3-venv",

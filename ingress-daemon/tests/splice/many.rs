@@ -64,6 +64,7 @@ async fn thousand_flows(engine: Engine) {
                 OwnedFd::from(proxy_client),
                 OwnedFd::from(proxy_backend),
                 Preamble::default(),
+                0,
                 Some(Box::new(move |o| {
                     let _ = tx.send(o);
                 })),

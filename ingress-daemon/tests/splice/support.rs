@@ -101,6 +101,7 @@ pub fn spliced(
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
             Preamble::default(),
+            0,
             Some(Box::new(move |outcome| {
                 let _ = tx.send(outcome);
             })),
