@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the map layouts below; bump it whenever a layout changes.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Name of the sockhash holding every spliced socket, keyed by socket cookie.
 pub const SOCKS_MAP: &str = "SOCKS";
@@ -15,6 +15,8 @@ pub const SOCKS_MAP: &str = "SOCKS";
 pub const SOCK_DIR_MAP: &str = "SOCK_DIR";
 /// Name of the (mmapable) array of per-direction states.
 pub const DIRS_MAP: &str = "DIRS";
+/// Name of the ring buffer of congestion events ([`CongestionEvent`]).
+pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the global holding the offset of `bytes_acked` in the kernel's `struct tcp_sock`.
 pub const BYTES_ACKED_OFFSET_GLOBAL: &str = "BYTES_ACKED_OFFSET";
 /// Name of the stream verdict program.
@@ -48,8 +50,15 @@ pub struct DirState {
     /// Bytes the daemon has relayed from the source's receive queue to the destination.
     /// Daemon-written.
     pub relayed: u64,
+    /// In-flight bytes above which the program asks the daemon (one ring-buffer event) to
+    /// close the source's receive window: backpressure without leaving the kernel path.
+    /// Daemon-written.
+    pub soft_water: u64,
+    /// `congestion_events` value the daemon has handled; the program sends a new event only
+    /// once the previous one is handled. Daemon-written.
+    pub congestion_handled: u64,
     /// Reserved for the daemon, zero.
-    pub _daemon_reserved: [u64; 3],
+    pub _daemon_reserved: [u64; 1],
     /// Bytes the program redirected to the destination. Program-written.
     pub redirected: u64,
     /// Bytes the program passed to the source's receive queue for the daemon. Program-written.
@@ -61,11 +70,25 @@ pub struct DirState {
     pub delivered_seen: u64,
     /// Non-zero while the gate is closed. Program-written.
     pub gated: u64,
+    /// Congestion events sent (in-flight bytes above `soft_water`). Program-written.
+    pub congestion_events: u64,
     /// Reserved for the program, zero.
-    pub _program_reserved: [u64; 3],
+    pub _program_reserved: [u64; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<DirState>() == 128);
+
+/// A ring-buffer event: direction `index` has more than its soft mark in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CongestionEvent {
+    /// Index of the direction state.
+    pub index: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<CongestionEvent>() == 8);
 
 /// Value of the socket-cookie map: which direction state a socket is the source of.
 #[repr(C)]
@@ -87,4 +110,6 @@ mod pod {
     // SAFETY: `SockDir` is `repr(C)`, two `u32`s with no implicit padding; any bit pattern is
     // valid.
     unsafe impl aya::Pod for super::SockDir {}
+    // SAFETY: `CongestionEvent` is `repr(C)`, two `u32`s with no implicit padding.
+    unsafe impl aya::Pod for super::CongestionEvent {}
 }

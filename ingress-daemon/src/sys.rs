@@ -626,3 +626,25 @@ pub fn probe_ktls() -> io::Result<bool> {
         _ => Err(err),
     }
 }
+
+/// Registers a descriptor owner (e.g. a BPF ring buffer) in the current tokio reactor.
+pub fn async_fd<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: callers pass types that own their descriptor for their whole life and close it
+    // only on drop, after the `AsyncFd` has deregistered it.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    }
+    .map_err(|err| io::Error::other(err.to_string()))
+}
+
+/// Makes the kernel send the peer a segment carrying the current receive window at once (a
+/// window probe, `tcp_send_window_probe`), by entering and leaving `TCP_REPAIR` mode; needs
+/// `CAP_NET_ADMIN`. After a zero window reopens, the peer otherwise learns of it only from its
+/// own persist timer (200 ms or more); the kernel sends no window update by itself when no
+/// data was read.
+pub fn send_window_probe(fd: BorrowedFd<'_>) -> io::Result<()> {
+    const TCP_REPAIR_ON: libc::c_int = 1;
+    const TCP_REPAIR_OFF: libc::c_int = 0;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON)?;
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF)
+}

@@ -15,6 +15,11 @@
 //!   sender behind a slow receiver from filling kernel memory: passed bytes are charged to the
 //!   source's receive buffer, its window closes and the sender slows down.
 //!
+//! Before the gate, a softer mark: when the bytes in flight pass `soft_water` the program sends
+//! one ring-buffer event, and the daemon closes the source's receive window (the sender stops
+//! once the window it was offered is used up) while every byte stays on the kernel path. The
+//! gate is the bound for when that is not enough.
+//!
 //! Zero-length skbs (a FIN) are dropped; the daemon propagates FIN and RST itself.
 #![no_std]
 #![no_main]
@@ -30,10 +35,10 @@ use aya_ebpf::{
         bpf_skc_to_tcp_sock,
     },
     macros::{map, stream_verdict},
-    maps::{Array, HashMap, SockHash},
+    maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
-use ingress_common::{DirState, MAX_DIRS, MAX_SOCKS, SockDir};
+use ingress_common::{CongestionEvent, DirState, MAX_DIRS, MAX_SOCKS, SockDir};
 
 /// Every spliced socket, keyed by its cookie; the verdict is attached here.
 #[map]
@@ -46,6 +51,10 @@ static SOCK_DIR: HashMap<u64, SockDir> = HashMap::with_max_entries(MAX_SOCKS, 0)
 /// Per-direction state, shared with the daemon through `mmap`.
 #[map]
 static DIRS: Array<DirState> = Array::with_max_entries(MAX_DIRS, BPF_F_MMAPABLE);
+
+/// Congestion events for the daemon.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 /// Offset of `bytes_acked` in the running kernel's `struct tcp_sock`, read from its BTF by the
 /// daemon at load time (it differs between kernels).
@@ -95,10 +104,11 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
         } else {
             read_volatile(addr_of!((*state).high_water))
         };
+        let soft = read_volatile(addr_of!((*state).soft_water));
         // `delivered_seen` only grows, so this estimate never undercounts the lag; the peer's
-        // counter is read only when the estimate crosses the mark.
-        let in_flight = (redirected + relayed).saturating_sub((*state).delivered_seen);
-        if in_flight + len > mark {
+        // counter is read only when the estimate crosses a mark.
+        let estimate = (redirected + relayed).saturating_sub((*state).delivered_seen);
+        if estimate + len > soft.min(mark) {
             let peer = read_volatile(addr_of!((*state).peer_cookie));
             let acked_base = read_volatile(addr_of!((*state).acked_base));
             let Some(acked) = peer_bytes_acked(peer) else {
@@ -106,7 +116,17 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
             };
             let delivered = acked.saturating_sub(acked_base);
             (*state).delivered_seen = delivered;
-            if (redirected + relayed).saturating_sub(delivered) + len > mark {
+            let in_flight = (redirected + relayed).saturating_sub(delivered) + len;
+            if in_flight > soft {
+                let events = (*state).congestion_events;
+                if events == read_volatile(addr_of!((*state).congestion_handled)) {
+                    let event = CongestionEvent { index, _pad: 0 };
+                    if EVENTS.output::<CongestionEvent>(&event, 0).is_ok() {
+                        (*state).congestion_events = events + 1;
+                    }
+                }
+            }
+            if in_flight > mark {
                 if !gated {
                     (*state).gated = 1;
                     (*state).gate_closures += 1;

@@ -113,6 +113,16 @@ impl DirView<'_> {
         self.load(offset_of!(DirState, gated)) != 0
     }
 
+    /// Congestion events the program sent.
+    pub(crate) fn congestion_events(&self) -> u64 {
+        self.load(offset_of!(DirState, congestion_events))
+    }
+
+    /// Marks congestion events up to `events` handled (the program may send the next one).
+    pub(crate) fn set_congestion_handled(&self, events: u64) {
+        self.store(offset_of!(DirState, congestion_handled), events);
+    }
+
     /// The low-water mark.
     pub(crate) fn low_water(&self) -> u64 {
         self.load(offset_of!(DirState, low_water))
@@ -142,6 +152,15 @@ impl DirView<'_> {
         self.store(offset_of!(DirState, delivered_seen), state.delivered_seen);
         self.store(offset_of!(DirState, gated), state.gated);
         self.store(offset_of!(DirState, relayed), state.relayed);
+        self.store(
+            offset_of!(DirState, congestion_events),
+            state.congestion_events,
+        );
+        self.store(
+            offset_of!(DirState, congestion_handled),
+            state.congestion_handled,
+        );
+        self.store(offset_of!(DirState, soft_water), state.soft_water);
         self.store(offset_of!(DirState, peer_cookie), state.peer_cookie);
         self.store(offset_of!(DirState, acked_base), state.acked_base);
         self.set_marks(state.high_water, state.low_water);
@@ -155,10 +174,23 @@ pub(crate) struct KernelPath {
     socks: OwnedFd,
     sock_dir: OwnedFd,
     dirs: sys::SharedMapping,
+    /// Congestion events from the program; taken once by the engine's event task.
+    events: Mutex<Option<aya::maps::RingBuf<MapData>>>,
     /// Free direction slots, oldest-freed first, so a slot is reused as late as possible.
     free: Mutex<VecDeque<DirIndex>>,
     /// Offset of `bytes_acked` in `struct tcp_sock`, as read from BTF.
     pub(crate) bytes_acked_offset: u64,
+}
+
+/// The in-flight marks of a direction (see the verdict program).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Marks {
+    /// Close the window (one event to the daemon) above this.
+    pub(crate) soft_water: u64,
+    /// Pass bytes to the daemon above this.
+    pub(crate) high_water: u64,
+    /// Once passing, resume redirecting at or below this.
+    pub(crate) low_water: u64,
 }
 
 /// The kernel side of one spliced flow.
@@ -220,6 +252,15 @@ impl KernelPath {
                 });
             }
         };
+        let events = match object.take_map(ingress_common::EVENTS_MAP) {
+            Some(map) => aya::maps::RingBuf::try_from(map).map_err(aya::EbpfError::MapError)?,
+            None => {
+                return Err(LoadError::Missing {
+                    what: "map",
+                    name: ingress_common::EVENTS_MAP,
+                });
+            }
+        };
         let program: &mut SkSkb = object
             .program_mut(VERDICT_PROGRAM)
             .ok_or(LoadError::Missing {
@@ -234,9 +275,15 @@ impl KernelPath {
             socks,
             sock_dir,
             dirs,
+            events: Mutex::new(Some(events)),
             free: Mutex::new((0..MAX_DIRS).collect()),
             bytes_acked_offset: offset,
         })
+    }
+
+    /// The congestion event ring (once).
+    pub(crate) fn take_events(&self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.events.lock().ok()?.take()
     }
 
     /// View of direction slot `index`.
@@ -273,8 +320,7 @@ impl KernelPath {
         &self,
         client: BorrowedFd<'_>,
         backend: BorrowedFd<'_>,
-        high_water: u64,
-        low_water: u64,
+        marks: Marks,
     ) -> Result<KernelFlow, SpliceError> {
         let sys_err = |call: &'static str| move |source| SpliceError::Sys { call, source };
         let cookies = [
@@ -291,8 +337,9 @@ impl KernelPath {
             self.dir(index).init(&DirState {
                 peer_cookie: cookies[1 - i],
                 acked_base: bases[1 - i],
-                high_water,
-                low_water,
+                high_water: marks.high_water,
+                low_water: marks.low_water,
+                soft_water: marks.soft_water,
                 ..DirState::default()
             });
         }

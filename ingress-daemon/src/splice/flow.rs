@@ -95,7 +95,13 @@ struct Dir {
     handback: Handback,
 }
 
-/// The way back from the relay to the kernel path, after the gate closed.
+/// Backpressure by the source's receive window, and the way back from the relay to the kernel
+/// path after the gate closed.
+///
+/// When the verdict reports congestion (more than `soft_water` in flight, one ring-buffer
+/// event), the daemon clamps the source's receive window to zero (`TCP_WINDOW_CLAMP`): the
+/// sender stops once it has used the window it was offered, and every byte stays on the kernel
+/// path. The window opens again once the destination has drained to the low-water mark.
 ///
 /// The verdict redirects again only once the daemon holds no passed byte (`passed ==
 /// relayed`); while the sender keeps sending, passed bytes keep arriving and that moment never
@@ -116,6 +122,14 @@ enum Handback {
     Idle,
     /// The source's window is held closed; the window clamp to restore.
     Holding { clamp: u32 },
+}
+
+/// Clamps the window of `fd` to zero; returns the clamp to restore.
+fn hold_window(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Handback> {
+    let clamp = sys::window_clamp(fd)?;
+    // The kernel raises 1 to its minimum, below one segment: a zero window.
+    sys::set_window_clamp(fd, 1)?;
+    Ok(Handback::Holding { clamp })
 }
 
 /// Result of handling an event.
@@ -216,6 +230,21 @@ impl Flow {
         self.progress(cx)
     }
 
+    /// The verdict reported congestion on direction slot `dir`: hold the source's window.
+    pub(super) fn on_congestion(&mut self, dir: u32, cx: &mut Cx<'_>) -> Step {
+        if let Some(flow) = self.kernel
+            && let Some(d) = flow.dirs.iter().position(|&i| i == dir)
+            && matches!(self.dirs[d].handback, Handback::Idle)
+            && !self.dirs[d].fin_seen
+        {
+            match hold_window(self.socks[d].as_fd()) {
+                Ok(held) => self.dirs[d].handback = held,
+                Err(err) => return self.reset(d, &err),
+            }
+        }
+        self.progress(cx)
+    }
+
     /// Re-evaluates conditions that are polled (timer expiry).
     pub(super) fn on_timer(&mut self, cx: &mut Cx<'_>) -> Step {
         for d in 0..2 {
@@ -237,7 +266,11 @@ impl Flow {
                 .buf
                 .as_ref()
                 .is_some_and(|_| self.kernel.is_some() && self.dirs[d].flushed_for.is_none());
-            recheck |= matches!(self.dirs[d].handback, Handback::Holding { .. });
+            if matches!(self.dirs[d].handback, Handback::Holding { .. }) {
+                // A held window stalls the sender: look again soon, without backing off.
+                recheck = true;
+                self.backoff = self.backoff.min(1);
+            }
         }
         if self.dirs[0].shut && self.dirs[1].shut {
             return Step::Done(FlowEnd::Closed);
@@ -335,10 +368,7 @@ impl Flow {
         match dir.handback {
             Handback::Idle => {
                 if view.gated() && !dir.fin_seen {
-                    let clamp = sys::window_clamp(fd).map_err(|e| (src, e))?;
-                    // The kernel raises 1 to its minimum, below one segment: a zero window.
-                    sys::set_window_clamp(fd, 1).map_err(|e| (src, e))?;
-                    dir.handback = Handback::Holding { clamp };
+                    dir.handback = hold_window(fd).map_err(|e| (src, e))?;
                 }
             }
             Handback::Holding { clamp } => {
@@ -352,8 +382,13 @@ impl Flow {
                 let in_flight = (view.redirected() + dir.relayed).saturating_sub(delivered);
                 if in_flight <= view.low_water() || dir.fin_seen {
                     sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
-                    sys::quickack(fd).map_err(|e| (src, e))?;
+                    // Tell the sender at once (it would wait for its persist timer).
+                    if sys::send_window_probe(fd).is_err() {
+                        sys::quickack(fd).map_err(|e| (src, e))?;
+                    }
                     dir.handback = Handback::Idle;
+                    // Events so far are dealt with: the program may report the next one.
+                    view.set_congestion_handled(view.congestion_events());
                 }
             }
         }
@@ -447,6 +482,18 @@ impl Flow {
         }
     }
 
+    /// Times the window was held for congestion, both directions.
+    pub(super) fn window_holds(&self, kernel: Option<&KernelPath>) -> u64 {
+        match (self.kernel.as_ref(), kernel) {
+            (Some(flow), Some(path)) => flow
+                .dirs
+                .iter()
+                .map(|&i| path.dir(i).congestion_events())
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// Whether a direction is gated now.
     pub(super) fn gated(&self, kernel: Option<&KernelPath>) -> bool {
         match (self.kernel.as_ref(), kernel) {
@@ -466,6 +513,7 @@ impl Flow {
             end,
             duration: self.started.elapsed(),
             gate_closures: self.gate_closures(kernel),
+            window_holds: self.window_holds(kernel),
             tag: self.tag,
         }
     }

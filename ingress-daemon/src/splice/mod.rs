@@ -91,7 +91,11 @@ pub struct EngineConfig {
     /// Offload mode.
     pub offload: Offload,
     /// Bytes in flight per direction (redirected or relayed, not yet acknowledged by the
-    /// destination's receiver) above which the kernel path stops redirecting.
+    /// destination's receiver) above which the source's receive window is closed; the bytes
+    /// stay on the kernel path.
+    pub soft_water_bytes: u64,
+    /// Bytes in flight per direction above which the kernel path stops redirecting and passes
+    /// bytes to the relay (the bound when closing the window is not enough).
     pub high_water_bytes: u64,
     /// Once stopped, the in-flight bytes must fall to this mark before redirecting resumes.
     pub low_water_bytes: u64,
@@ -107,8 +111,9 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             offload: Offload::Auto,
+            soft_water_bytes: 16 << 20,
             high_water_bytes: 32 << 20,
-            low_water_bytes: 8 << 20,
+            low_water_bytes: 4 << 20,
             relay_buffer_bytes: 64 << 10,
             liveness: Some(sys::Liveness {
                 keepalive_idle: Duration::from_secs(60),
@@ -221,8 +226,10 @@ pub struct FlowOutcome {
     pub end: FlowEnd,
     /// Time from hand-off to end.
     pub duration: Duration,
-    /// Times the kernel path's gate closed (backpressure episodes).
+    /// Times the kernel path's gate closed (bytes passed to the relay).
     pub gate_closures: u64,
+    /// Times the source's window was held closed for congestion (bytes stayed in the kernel).
+    pub window_holds: u64,
     /// The tag given to [`Engine::splice`].
     pub tag: u32,
 }
@@ -399,6 +406,8 @@ struct Inner {
     next_shard: AtomicUsize,
     next_id: AtomicU64,
     stats: Arc<EngineStats>,
+    /// Which shard owns each kernel direction slot (for congestion events).
+    dir_shard: Arc<Vec<std::sync::atomic::AtomicU16>>,
 }
 
 impl Engine {
@@ -434,6 +443,15 @@ impl Engine {
             tokio::spawn(shard.run(rx));
             shards.push(tx);
         }
+        let dir_shard: Arc<Vec<_>> = Arc::new(
+            (0..ingress_common::MAX_DIRS)
+                .map(|_| std::sync::atomic::AtomicU16::new(0))
+                .collect(),
+        );
+        if let Some(events) = kernel.as_ref().and_then(|k| k.take_events()) {
+            let events = sys::async_fd(events).map_err(EngineError::Shard)?;
+            tokio::spawn(congestion_events(events, dir_shard.clone(), shards.clone()));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -443,6 +461,7 @@ impl Engine {
                 next_shard: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
                 stats,
+                dir_shard,
             }),
         })
     }
@@ -519,12 +538,22 @@ impl Engine {
             Some(path) => Some(path.insert(
                 std::os::fd::AsFd::as_fd(&client),
                 std::os::fd::AsFd::as_fd(&backend),
-                inner.config.high_water_bytes,
-                inner.config.low_water_bytes,
+                ebpf::Marks {
+                    soft_water: inner.config.soft_water_bytes,
+                    high_water: inner.config.high_water_bytes,
+                    low_water: inner.config.low_water_bytes,
+                },
             )?),
             None => None,
         };
         let shard = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len().max(1);
+        if let Some(kflow) = &kernel {
+            for dir in kflow.dirs {
+                if let Some(owner) = inner.dir_shard.get(dir as usize) {
+                    owner.store(u16::try_from(shard).unwrap_or(0), Ordering::Relaxed);
+                }
+            }
+        }
         let new = Box::new(NewFlow {
             id,
             tag,
@@ -619,6 +648,36 @@ impl Engine {
         for rx in waits {
             let _ = rx.await;
         }
+    }
+}
+
+/// Forwards the verdict's congestion events to the shards owning the directions.
+async fn congestion_events(
+    mut events: tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    dir_shard: Arc<Vec<std::sync::atomic::AtomicU16>>,
+    shards: Vec<mpsc::UnboundedSender<shard::Command>>,
+) {
+    loop {
+        let Ok(mut guard) = events.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            let Some(bytes) = item.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+                continue;
+            };
+            let dir = u32::from_ne_bytes(bytes);
+            let Some(owner) = dir_shard.get(dir as usize) else {
+                continue;
+            };
+            let owner = usize::from(owner.load(Ordering::Relaxed));
+            if let Some(tx) = shards.get(owner)
+                && tx.send(shard::Command::Congested { dir }).is_err()
+            {
+                return;
+            }
+        }
+        guard.clear_ready();
     }
 }
 

@@ -44,6 +44,8 @@ pub(super) enum Command {
         limit: usize,
         reply: oneshot::Sender<Vec<FlowInfo>>,
     },
+    /// The verdict reported congestion on a direction slot of a flow of this shard.
+    Congested { dir: u32 },
     /// Sum bytes by tag, finished and live flows together.
     Usage(oneshot::Sender<Usage>),
     /// Stop taking flows, wait up to `drain` for the live ones to end, reset the rest.
@@ -69,6 +71,8 @@ pub(super) struct Shard {
     live: usize,
     /// Finished flows' bytes by tag, and their gate closures.
     finished: Usage,
+    /// Kernel direction slot → (flow slot, generation), for congestion events.
+    by_dir: std::collections::HashMap<u32, (u32, u32)>,
 }
 
 fn token(generation: u32, slot: u32, side: usize) -> u64 {
@@ -92,6 +96,7 @@ impl Shard {
             stats,
             live: 0,
             finished: Usage::default(),
+            by_dir: std::collections::HashMap::new(),
         })
     }
 
@@ -130,6 +135,11 @@ impl Shard {
                 },
                 command = commands.recv(), if accepting => match command {
                     Some(Command::Add(new)) => self.add(*new),
+                    Some(Command::Congested { dir }) => {
+                        if let Some(&(slot, generation)) = self.by_dir.get(&dir) {
+                            self.dispatch(slot, generation, |flow, cx| flow.on_congestion(dir, cx));
+                        }
+                    }
                     Some(Command::SetMarks { id, high_water, low_water }) => {
                         self.set_marks(id, high_water, low_water);
                     }
@@ -206,6 +216,11 @@ impl Shard {
             }
         }
         self.stats.flow_started(flow.path());
+        if let Some(kflow) = flow.kernel {
+            for dir in kflow.dirs {
+                self.by_dir.insert(dir, (slot, generation));
+            }
+        }
         entry.flow = Some(flow);
         self.live += 1;
         // Nothing may have happened yet, but a FIN could be waiting for a coverage check.
@@ -321,6 +336,11 @@ impl Shard {
     }
 
     fn finish(&mut self, mut flow: Flow, end: FlowEnd) {
+        if let Some(kflow) = flow.kernel {
+            for dir in kflow.dirs {
+                self.by_dir.remove(&dir);
+            }
+        }
         let kernel = self.kernel.as_deref();
         let outcome = flow.outcome(end, kernel);
         if let (Some(path), Some(kflow)) = (kernel, flow.kernel.as_ref()) {

@@ -58,13 +58,14 @@ async fn bulk(offload: Offload, total: u64, concurrent: bool) {
         }
     }
     eprintln!(
-        "bulk {offload}: {:?}, kernel {}/{} relayed {}/{} gates {}",
+        "bulk {offload}: {:?}, kernel {}/{} relayed {}/{} gates {} holds {}",
         out.duration,
         out.client_to_backend.kernel,
         out.backend_to_client.kernel,
         out.client_to_backend.relayed,
         out.backend_to_client.relayed,
-        out.gate_closures
+        out.gate_closures,
+        out.window_holds
     );
     assert_eq!(engine.map_occupancy().unwrap_or((0, 0)), (0, 0));
 }
