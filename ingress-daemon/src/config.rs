@@ -253,7 +253,11 @@ pub struct Config {
     pub max_flows: usize,
     /// Time allowed to connect to a backend.
     pub connect_timeout_ms: u64,
-    /// In-flight bytes per flow direction above which the kernel path pauses.
+    /// In-flight bytes per flow direction above which the kernel path holds the sender's
+    /// receive window closed (the bytes stay on the kernel path).
+    pub soft_water_bytes: u64,
+    /// In-flight bytes per flow direction above which the kernel path passes bytes to the
+    /// daemon's bounded relay (the hard bound).
     pub high_water_bytes: u64,
     /// In-flight bytes per flow direction below which a paused flow resumes.
     pub low_water_bytes: u64,
@@ -288,7 +292,8 @@ impl Default for Config {
             max_handshakes: 1_024,
             max_flows: 9_000,
             connect_timeout_ms: 3_000,
-            high_water_bytes: 16 << 20,
+            soft_water_bytes: 16 << 20,
+            high_water_bytes: 32 << 20,
             low_water_bytes: 4 << 20,
             backend_allow: default_backend_allow(),
             dns_server: None,
@@ -339,6 +344,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("max_handshakes", Kind::Int),
     ("max_flows", Kind::Int),
     ("connect_timeout_ms", Kind::Int),
+    ("soft_water_bytes", Kind::Int),
     ("high_water_bytes", Kind::Int),
     ("low_water_bytes", Kind::Int),
     ("backend_allow", Kind::List),
@@ -461,8 +467,14 @@ impl Config {
         if self.max_handshakes == 0 || self.max_flows == 0 {
             return Err(invalid("max_flows", "limits must be at least 1"));
         }
-        if self.low_water_bytes >= self.high_water_bytes {
-            return Err(invalid("low_water_bytes", "must be below high_water_bytes"));
+        if self.low_water_bytes >= self.soft_water_bytes {
+            return Err(invalid("low_water_bytes", "must be below soft_water_bytes"));
+        }
+        if self.soft_water_bytes > self.high_water_bytes {
+            return Err(invalid(
+                "soft_water_bytes",
+                "must not be above high_water_bytes",
+            ));
         }
         if self.api_max_body_bytes < 1024 {
             return Err(invalid("api_max_body_bytes", "must be at least 1024"));
@@ -740,5 +752,19 @@ mod tests {
                 .to_string()
                 .starts_with("low_water_bytes")
         );
+        let c = Config::load(&sources(&[("INGRESSD_SOFT_WATER_BYTES", "999999999")])).unwrap();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("soft_water_bytes")
+        );
+        let c = Config::load(&sources(&[
+            ("INGRESSD_SOFT_WATER_BYTES", "1048576"),
+            ("INGRESSD_LOW_WATER_BYTES", "65536"),
+        ]))
+        .unwrap();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.soft_water_bytes, 1 << 20);
     }
 }

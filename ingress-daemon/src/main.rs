@@ -22,6 +22,7 @@ fn engine_config(config: &Config) -> splice::EngineConfig {
             ingress_daemon::config::Offload::Off => splice::Offload::Off,
             ingress_daemon::config::Offload::Required => splice::Offload::Required,
         },
+        soft_water_bytes: config.soft_water_bytes,
         high_water_bytes: config.high_water_bytes,
         low_water_bytes: config.low_water_bytes,
         ..splice::EngineConfig::default()
