@@ -109,9 +109,17 @@ fn parse_query(raw: Option<&str>) -> Result<(u64, usize), ApiError> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "after" => {
-                after = value.parse().map_err(|_| {
-                    ApiError::bad_request(format!("after: {value:?} is not a flow ID"))
-                })?;
+                // Flow IDs are int64 in the schema (JSON clients lose precision above it).
+                after = value
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|a| u64::try_from(a).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "after: {value:?} is not a flow ID (0 to {})",
+                            i64::MAX
+                        ))
+                    })?;
             }
             "limit" => {
                 limit = value
@@ -165,7 +173,14 @@ mod tests {
     fn flow_queries_are_bounded() {
         assert_eq!(parse_query(None).ok(), Some((0, DEFAULT_FLOW_LIMIT)));
         assert_eq!(parse_query(Some("after=7&limit=3")).ok(), Some((7, 3)));
-        for bad in ["limit=0", "limit=1001", "after=x", "page=2"] {
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "after=x",
+            "after=-1",
+            "after=9223372036854775808",
+            "page=2",
+        ] {
             assert!(parse_query(Some(bad)).is_err(), "{bad}");
         }
     }
