@@ -1,0 +1,90 @@
+//! `splice-relay`: a standalone proxy around the splice engine — accept on loopback, connect to
+//! one backend, hand both sockets to [`Engine::splice`]. No ClientHello, no routing: it shows
+//! what the engine costs on its own, and stands in for the daemon in the peer comparison.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use ingress_daemon::splice::{Engine, EngineConfig, Offload, Preamble, into_owned_fd};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A splice-engine relay from one loopback port to one backend.
+#[derive(Parser)]
+struct Args {
+    /// Address to accept on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Backend every connection goes to.
+    #[arg(long)]
+    backend: SocketAddr,
+    /// `required` (kernel splice), `off` (userspace relay) or `auto`.
+    #[arg(long, default_value = "required")]
+    offload: Offload,
+    /// Runtime worker threads and engine event loops (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(serve(args, workers))
+}
+
+async fn serve(args: Args, workers: usize) -> Result<()> {
+    let engine = Engine::start(EngineConfig {
+        offload: args.offload,
+        shards: workers,
+        ..EngineConfig::default()
+    })
+    .context("starting the splice engine")?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    eprintln!(
+        "splice-relay listening on {} to {} (path {})",
+        listener.local_addr()?,
+        args.backend,
+        engine.path().as_str()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((client, _)) => {
+                    let engine = engine.clone();
+                    tokio::spawn(relay(engine, client, args.backend));
+                }
+                // Out of descriptors or similar: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+        }
+    }
+    engine.shutdown(Duration::ZERO).await;
+    Ok(())
+}
+
+async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
+    let Ok(backend) = TcpStream::connect(backend).await else {
+        return;
+    };
+    if client.set_nodelay(true).is_err() || backend.set_nodelay(true).is_err() {
+        return;
+    }
+    let (Ok(client), Ok(backend)) = (into_owned_fd(client), into_owned_fd(backend)) else {
+        return;
+    };
+    if let Err(e) = engine.splice(client, backend, Preamble::default(), None) {
+        eprintln!("splice-relay: {e}");
+    }
+}

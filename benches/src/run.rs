@@ -1,0 +1,289 @@
+//! Measuring one target: every metric, each the median of the plan's runs after a warm-up.
+use std::{
+    fs, thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use rustls_pki_types::ServerName;
+
+use crate::{
+    client::{Dialer, Session},
+    measure::{CpuMark, CpuUsed, tree_rss_bytes},
+    stats::{Percentiles, median},
+    targets::{Kind, Running, TargetSpec},
+    tls,
+};
+
+/// Sizes and counts of a benchmark run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Plan {
+    /// Runs per metric (the median is reported).
+    pub runs: usize,
+    /// Bytes per bulk transfer, each way.
+    pub bulk_bytes: u64,
+    /// Bytes of the warm-up transfer, each way.
+    pub warmup_bytes: u64,
+    /// Bytes per ping-pong message.
+    pub ping_bytes: usize,
+    /// Recorded round trips per run.
+    pub pings: usize,
+    /// Unrecorded round trips before them.
+    pub ping_warmup: usize,
+    /// Concurrent client loops of the connection-rate test.
+    pub conn_loops: usize,
+    /// Length of one connection-rate run.
+    pub conn_duration: Duration,
+    /// Connections held open for the idle-memory metric.
+    pub idle_conns: usize,
+    /// Sequential connections per routing-latency sample set.
+    pub route_conns: usize,
+    /// Single lookups timed in-process per routing table.
+    pub route_lookups: usize,
+}
+
+impl Plan {
+    /// The full run: 3 runs, 1 GiB, 2,000 idle connections.
+    pub fn full() -> Self {
+        Self {
+            runs: 3,
+            bulk_bytes: 1 << 30,
+            warmup_bytes: 64 << 20,
+            ping_bytes: 64,
+            pings: 20_000,
+            ping_warmup: 1_000,
+            conn_loops: 16,
+            conn_duration: Duration::from_secs(5),
+            idle_conns: 2_000,
+            route_conns: 1_000,
+            route_lookups: 200_000,
+        }
+    }
+
+    /// The smoke run of `--quick`: one run per metric, small sizes.
+    pub fn quick() -> Self {
+        Self {
+            runs: 1,
+            bulk_bytes: 128 << 20,
+            warmup_bytes: 16 << 20,
+            ping_bytes: 64,
+            pings: 2_000,
+            ping_warmup: 200,
+            conn_loops: 16,
+            conn_duration: Duration::from_secs(1),
+            idle_conns: 500,
+            route_conns: 200,
+            route_lookups: 20_000,
+        }
+    }
+}
+
+/// Connection setup latency through ingressd with one rule and with 10,000.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Routing {
+    /// Time to first byte, one rule in the table.
+    pub one_rule: Percentiles,
+    /// With 10,000 rules, hitting an exact rule near the end.
+    pub many_rules_exact: Percentiles,
+    /// With 10,000 rules, hitting a pattern rule near the end.
+    pub many_rules_pattern: Percentiles,
+}
+
+/// Everything measured for one target.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TargetResult {
+    /// Target name.
+    pub target: String,
+    /// What it is.
+    pub about: String,
+    /// Why it was not measured, if it was not.
+    pub error: Option<String>,
+    /// Client → backend throughput, Gbit/s.
+    pub up_gbit_s: f64,
+    /// Backend → client throughput, Gbit/s.
+    pub down_gbit_s: f64,
+    /// System-wide CPU seconds per GB moved (other processes' share removed).
+    pub system_cpu_s_per_gb: f64,
+    /// System-wide CPU seconds per GB as `/proc/stat` reports it.
+    pub system_cpu_raw_s_per_gb: f64,
+    /// The proxy's own CPU seconds per GB.
+    pub proxy_cpu_s_per_gb: f64,
+    /// CPU seconds other processes used during the bulk transfers (noise indicator).
+    pub foreign_cpu_s: f64,
+    /// Ping-pong round trips.
+    pub rtt: Percentiles,
+    /// New connections per second (full handshake, then one byte each way).
+    pub conn_per_s: f64,
+    /// Failed connections during the rate runs.
+    pub conn_errors: u64,
+    /// Time to first byte during the rate runs.
+    pub ttfb: Percentiles,
+    /// Connections held for the memory metric.
+    pub idle_conns: usize,
+    /// Proxy RSS before opening them, bytes.
+    pub rss_baseline_bytes: u64,
+    /// Proxy RSS growth per idle connection, bytes.
+    pub rss_per_idle_conn_bytes: Option<f64>,
+    /// Kernel slab growth per idle connection, bytes (all sockets, client and backend
+    /// included; noisy on a shared machine).
+    pub slab_per_idle_conn_bytes: Option<f64>,
+    /// ingressd only: routing with 1 vs 10,000 rules.
+    pub routing: Option<Routing>,
+}
+
+/// Measures `spec`, started as `running`, with `dialer` pointing at it.
+pub fn measure(
+    spec: &TargetSpec,
+    running: &Running,
+    dialer: &Dialer,
+    plan: &Plan,
+    ours: &[u32],
+) -> Result<TargetResult> {
+    let mut r = TargetResult {
+        target: spec.name.to_owned(),
+        about: spec.about.to_owned(),
+        ..TargetResult::default()
+    };
+    let pid = running.pid;
+
+    progress(spec.name, "warm-up");
+    dialer.upload(plan.warmup_bytes).context("warm-up upload")?;
+    dialer
+        .download(plan.warmup_bytes)
+        .context("warm-up download")?;
+    dialer.ping_pong(plan.ping_bytes, plan.ping_warmup, 0)?;
+    dialer.connection_rate(plan.conn_loops, plan.conn_duration / 4)?;
+
+    progress(spec.name, "bulk");
+    let gb = 2.0 * plan.bulk_bytes as f64 / 1e9;
+    let (mut up, mut down, mut sys, mut raw, mut own, mut foreign) =
+        (vec![], vec![], vec![], vec![], vec![], 0.0);
+    for _ in 0..plan.runs {
+        let m0 = CpuMark::now(pid, ours)?;
+        let t_up = dialer.upload(plan.bulk_bytes).context("upload")?;
+        let m1 = CpuMark::now(pid, ours)?;
+        let t_down = dialer.download(plan.bulk_bytes).context("download")?;
+        let m2 = CpuMark::now(pid, ours)?;
+        let used: CpuUsed = m0.until(&m1) + m1.until(&m2);
+        up.push(gbit_s(plan.bulk_bytes, t_up));
+        down.push(gbit_s(plan.bulk_bytes, t_down));
+        sys.push(used.system_s / gb);
+        raw.push(used.system_raw_s / gb);
+        own.push(used.proxy_s / gb);
+        foreign += used.foreign_s;
+    }
+    r.up_gbit_s = median(up);
+    r.down_gbit_s = median(down);
+    r.system_cpu_s_per_gb = median(sys);
+    r.system_cpu_raw_s_per_gb = median(raw);
+    r.proxy_cpu_s_per_gb = median(own);
+    r.foreign_cpu_s = foreign;
+
+    progress(spec.name, "ping-pong");
+    let mut runs = Vec::new();
+    for _ in 0..plan.runs {
+        let mut samples = dialer.ping_pong(plan.ping_bytes, plan.ping_warmup, plan.pings)?;
+        runs.push(Percentiles::of(&mut samples));
+    }
+    r.rtt = Percentiles::median(&runs);
+
+    progress(spec.name, "connections");
+    let (mut rates, mut ttfbs) = (vec![], vec![]);
+    for _ in 0..plan.runs {
+        let mut rate = dialer.connection_rate(plan.conn_loops, plan.conn_duration)?;
+        rates.push(rate.per_second);
+        r.conn_errors += rate.errors;
+        ttfbs.push(Percentiles::of(&mut rate.ttfb));
+    }
+    r.conn_per_s = median(rates);
+    r.ttfb = Percentiles::median(&ttfbs);
+
+    progress(spec.name, "idle connections");
+    r.idle_conns = plan.idle_conns;
+    if let Some(pid) = pid {
+        let (mut per_conn, mut slab) = (vec![], vec![]);
+        for _ in 0..plan.runs {
+            // Connections of earlier tests may still be closing.
+            thread::sleep(Duration::from_millis(500));
+            let rss0 = tree_rss_bytes(pid);
+            let slab0 = slab_bytes();
+            let held: Vec<Session> = dialer.hold_idle(plan.idle_conns)?;
+            thread::sleep(Duration::from_millis(500));
+            let rss1 = tree_rss_bytes(pid);
+            let slab1 = slab_bytes();
+            r.rss_baseline_bytes = rss0;
+            per_conn.push((rss1 as f64 - rss0 as f64) / plan.idle_conns as f64);
+            slab.push((slab1 as f64 - slab0 as f64) / plan.idle_conns as f64);
+            for s in held {
+                s.close();
+            }
+        }
+        r.rss_per_idle_conn_bytes = Some(median(per_conn));
+        r.slab_per_idle_conn_bytes = Some(median(slab));
+    }
+
+    if let (Some(daemon), Kind::Ingressd(mode)) = (&running.ingressd, spec.kind)
+        && mode != crate::ingressd::IngressdMode::Terminate
+    {
+        progress(spec.name, "routing, 1 vs 10,000 rules");
+        let one_rule = setup_latency(dialer, tls::SNI, plan)?;
+        daemon.set_rules(true)?;
+        let exact = setup_latency(dialer, tls::SNI_LAST_EXACT, plan)?;
+        let pattern = setup_latency(dialer, tls::SNI_LAST_PATTERN, plan)?;
+        daemon.set_rules(false)?;
+        r.routing = Some(Routing {
+            one_rule,
+            many_rules_exact: exact,
+            many_rules_pattern: pattern,
+        });
+    }
+    Ok(r)
+}
+
+/// Sequential time to first byte for `sni`, `plan.route_conns` connections per run.
+fn setup_latency(dialer: &Dialer, sni: &str, plan: &Plan) -> Result<Percentiles> {
+    let mut d = dialer.clone();
+    if let Some((config, _)) = &dialer.tls {
+        d.tls = Some((config.clone(), ServerName::try_from(sni.to_owned())?));
+    }
+    for _ in 0..plan.route_conns / 10 {
+        d.first_byte()
+            .with_context(|| format!("connecting with SNI {sni}"))?;
+    }
+    let mut runs = Vec::new();
+    for _ in 0..plan.runs {
+        let mut samples = (0..plan.route_conns)
+            .map(|_| d.first_byte())
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("connecting with SNI {sni}"))?;
+        runs.push(Percentiles::of(&mut samples));
+    }
+    Ok(Percentiles::median(&runs))
+}
+
+fn gbit_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 * 8.0 / took.as_secs_f64().max(1e-9) / 1e9
+}
+
+/// `Slab` of `/proc/meminfo`, bytes.
+fn slab_bytes() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("Slab:"))?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Prints what is being measured.
+pub fn progress(target: &str, what: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[{t:6.1}s] {target}: {what}");
+}
