@@ -97,8 +97,8 @@ pub fn run(opts: &Options) -> Result<Report> {
             key,
             combined,
         },
-        ingressd: opts.ingressd.clone(),
-        relay: opts.relay.clone(),
+        ingressd: opts.ingressd.as_deref().map(absolute).transpose()?,
+        relay: absolute(&opts.relay)?,
         workers,
         dir: dir.path().to_path_buf(),
     };
@@ -192,6 +192,11 @@ fn measure_one(
             e.context(format!("log tail:\n{tail}"))
         }
     })
+}
+
+/// `path` made absolute: the targets run with their own working directories.
+fn absolute(path: &std::path::Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("locating {}", path.display()))
 }
 
 fn select(opts: &Options) -> Result<Vec<TargetSpec>> {

@@ -3,10 +3,16 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
+    process::Command,
+    time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
-use ingress_tests::{ApiClient, Daemon, Offload, ports::PortLease};
+use anyhow::{Result, bail};
+use ingress_tests::{
+    ApiClient,
+    ports::PortLease,
+    process::{ChildGuard, tail, wait_until},
+};
 use serde_json::{Value, json};
 
 use crate::{peers, tls::BenchPki, tls::SNI};
@@ -30,12 +36,13 @@ pub const MANY_RULES: usize = 10_000;
 
 /// A running, configured ingressd.
 pub struct IngressdTarget {
-    daemon: Daemon,
+    daemon: ChildGuard,
     api: ApiClient,
     mode: IngressdMode,
     backend_port: u16,
     listen: SocketAddr,
-    _lease: PortLease,
+    _leases: [PortLease; 2],
+    _dir: tempfile::TempDir,
 }
 
 impl IngressdTarget {
@@ -49,12 +56,26 @@ impl IngressdTarget {
         pki: &BenchPki,
     ) -> Result<Self> {
         let offload = match mode {
-            IngressdMode::Kernel => Offload::Required,
-            IngressdMode::Userspace | IngressdMode::Terminate => Offload::Off,
+            IngressdMode::Kernel => "required",
+            IngressdMode::Userspace | IngressdMode::Terminate => "off",
         };
-        let daemon = Daemon::builder()
-            .binary(binary)
-            .offload(offload)
+        let dir = tempfile::Builder::new()
+            .prefix("ingress-bench-ingressd-")
+            .tempdir()?;
+        // A leased API port rather than port 0: the address is known without reading it back.
+        let api_lease = PortLease::new()?;
+        let api_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, api_lease.port()));
+        let mut cmd = Command::new(binary);
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("INGRESSD_") || key == "RESERVED_PORTS" {
+                cmd.env_remove(&*key);
+            }
+        }
+        cmd.current_dir(dir.path())
+            .env("INGRESSD_DATA_DIR", dir.path().join("data"))
+            .env("INGRESSD_API_LISTEN", api_addr.to_string())
+            .env("INGRESSD_OFFLOAD", offload)
             .env("INGRESSD_LISTEN_ADDR", "127.0.0.1")
             .env("INGRESSD_ACCESS_LOG", "off")
             .env("INGRESSD_API_MAX_BODY_BYTES", (32u32 << 20).to_string())
@@ -67,10 +88,21 @@ impl IngressdTarget {
                 (peers::HANDSHAKE_TIMEOUT_S * 1000).to_string(),
             )
             .env("INGRESSD_MAX_FLOWS", peers::MAX_CONNECTIONS.to_string())
-            .env("RUST_LOG", "warn")
-            .start()
-            .context("starting ingressd")?;
-        let api = daemon.api()?;
+            .env("RUST_LOG", "warn");
+        let log = dir.path().join("ingressd.log");
+        let mut daemon = ChildGuard::spawn("ingressd", &mut cmd, Some(&log))?;
+        let api = ApiClient::new(api_addr)?;
+        let healthy = wait_until(
+            "ingressd to answer GET /healthz",
+            Duration::from_secs(30),
+            || {
+                daemon.ensure_running()?;
+                Ok(api.healthz().ok().filter(|r| r.status == 200).map(drop))
+            },
+        );
+        if let Err(e) = healthy {
+            bail!("starting ingressd: {e}\n{}", tail(&log, 20));
+        }
         check(
             "PUT /instances/bench",
             api.put_instance(NAME, Ipv4Addr::LOCALHOST)?,
@@ -92,7 +124,8 @@ impl IngressdTarget {
             mode,
             backend_port,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, lease.port())),
-            _lease: lease,
+            _leases: [api_lease, lease],
+            _dir: dir,
         };
         check(
             "POST /tcp-ingresses",
@@ -109,15 +142,13 @@ impl IngressdTarget {
     }
 
     /// The daemon's PID.
-    pub fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> u32 {
         self.daemon.pid()
     }
 
     /// The last lines of the daemon's log.
     pub fn log_tail(&self) -> String {
-        let log = self.daemon.log();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.daemon.log_tail(20)
     }
 
     fn mode_name(&self) -> &'static str {

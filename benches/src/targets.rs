@@ -260,7 +260,7 @@ impl Env {
                 wait_listening(front, None)?;
                 return Ok(Running {
                     front,
-                    pid: daemon.pid(),
+                    pid: Some(daemon.pid()),
                     ingressd: Some(daemon),
                     child: None,
                     _lease: None,

@@ -8,9 +8,11 @@
 //! - [`step`]: named, timed steps with a summary.
 //! - [`suite`]: `cargo xtask test` — setup, then the test suite; the serial-test convention.
 //! - [`launch`]: `cargo xtask run` — build and exec the daemon.
+//! - [`bench`]: `cargo xtask bench [splice]` — install the peers, build, run `ingress-bench`.
 #![forbid(unsafe_code)]
 
 mod apt;
+mod bench;
 mod context;
 mod launch;
 mod setup;
@@ -56,6 +58,23 @@ enum Command {
     },
     /// Check formatting and clippy lints.
     Lint,
+    /// Benchmark ingressd against a direct connection, HAProxy and nginx (`splice`: the splice
+    /// engine alone); results go to `bench-results/` and the README.
+    Bench {
+        /// `peers` (the default) or `splice`.
+        #[arg(value_enum, default_value = "peers")]
+        which: bench::Which,
+        /// A smoke run of about a minute: one run per metric, small sizes, fewer targets.
+        #[arg(long)]
+        quick: bool,
+        /// Only these targets, comma-separated (`direct`, the baseline, is always measured).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Where to write the results (default `bench-results/`, or the target directory for
+        /// `--quick`); the README is updated only by a full run into the default directory.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +95,20 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run { args } => launch::run_daemon(&mut ctx, &args),
         Command::Test { no_setup } => suite::test(&mut ctx, no_setup),
         Command::Lint => lint(&mut ctx),
+        Command::Bench {
+            which,
+            quick,
+            only,
+            out,
+        } => bench::bench(
+            &mut ctx,
+            &bench::BenchArgs {
+                which,
+                quick,
+                only,
+                out,
+            },
+        ),
     }
 }
 
