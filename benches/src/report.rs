@@ -130,12 +130,17 @@ impl Report {
         let _ = writeln!(
             m,
             "\nRTT: {}-byte ping-pong, {} round trips per run. conn/s: {} loops, each a new \
-             connection with a full handshake, one byte each way, close; {:.0} s per run. \
-             Memory: proxy RSS growth (all its processes) over {} connections held open, each \
-             answered once end to end.",
+             connection{}, one byte each way, close; {:.0} s per run; TTFB from connect to the \
+             first byte. Memory: proxy RSS growth (all its processes) over {} connections held \
+             open, each answered once end to end.",
             self.plan.ping_bytes,
             self.plan.pings,
             self.plan.conn_loops,
+            if self.tls {
+                " with a full TLS handshake"
+            } else {
+                ""
+            },
             self.plan.conn_duration.as_secs_f64(),
             self.plan.idle_conns
         );
