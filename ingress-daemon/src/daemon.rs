@@ -32,6 +32,9 @@ pub enum DaemonError {
     /// The signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The data path could not start (e.g. offload `required` without the kernel path).
+    #[error("starting the data path: {0}")]
+    DataPath(String),
     /// The API server failed.
     #[error("serving the API: {0}")]
     Serve(std::io::Error),

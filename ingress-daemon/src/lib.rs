@@ -25,6 +25,7 @@
 //! - [`postgres`]: the Postgres `SSLRequest` preamble before a ClientHello, client and backend
 //!   side, read to the exact byte.
 //! - [`policy`]: the backend address policy — CIDR allow-list, never link-local, never the API.
+//! - [`proxy`]: the data path — accept, ClientHello, route, connect, then splice or terminate.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers for the backend.
 //! - [`resolve`]: instance name → address, from the static registry or DNS with a TTL cache.
 //! - `testing` (tests only): prerequisites, free loopback ports, temporary directories.
@@ -46,6 +47,7 @@ pub mod model;
 pub mod pattern;
 pub mod policy;
 pub mod postgres;
+pub mod proxy;
 pub mod proxy_protocol;
 pub mod resolve;
 pub mod resolver;

@@ -5,7 +5,24 @@ use std::sync::Arc;
 use clap::Parser as _;
 use ingress_daemon::cli::{Cli, Command};
 use ingress_daemon::config::{Config, EXIT_CONFIG};
-use ingress_daemon::{ctl, daemon, listeners};
+use ingress_daemon::{ctl, daemon, proxy, splice};
+
+/// How long live flows may run on after a shutdown signal before they are reset.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The splice engine's settings from the configuration.
+fn engine_config(config: &Config) -> splice::EngineConfig {
+    splice::EngineConfig {
+        offload: match config.offload {
+            ingress_daemon::config::Offload::Auto => splice::Offload::Auto,
+            ingress_daemon::config::Offload::Off => splice::Offload::Off,
+            ingress_daemon::config::Offload::Required => splice::Offload::Required,
+        },
+        high_water_bytes: config.high_water_bytes,
+        low_water_bytes: config.low_water_bytes,
+        ..splice::EngineConfig::default()
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -55,16 +72,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let parts = daemon::Parts {
-        shared,
-        token,
-        // The data path installs its handler here; until then listeners accept and close.
-        handler: Arc::new(listeners::ClosingHandler),
-        probes: Vec::new(),
-    };
     let served = runtime.block_on(async {
         let shutdown = daemon::shutdown_signal().map_err(daemon::DaemonError::Signals)?;
-        daemon::run(api, parts, shutdown).await
+        let engine = match splice::Engine::start(engine_config(&shared.config)) {
+            Ok(engine) => engine,
+            Err(e) => {
+                eprintln!("ingressd: {e}");
+                return Err(daemon::DaemonError::DataPath(e.to_string()));
+            }
+        };
+        let settings = proxy::Settings::from_config(&shared.config);
+        let data_path = proxy::DataPlane::new(shared.clone(), engine.clone(), settings);
+        let parts = daemon::Parts {
+            shared,
+            token,
+            handler: Arc::new(data_path.clone()),
+            probes: vec![Arc::new(data_path)],
+        };
+        let served = daemon::run(api, parts, shutdown).await;
+        // Listeners are closed; flows still live get a short drain, then are reset.
+        engine.shutdown(DRAIN).await;
+        served
     });
     match served {
         Ok(()) => ExitCode::SUCCESS,

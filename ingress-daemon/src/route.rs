@@ -175,6 +175,18 @@ impl RouteTable {
         shape.by_literals.entry(key).or_default().push(idx);
     }
 
+    /// Whether any rule (or the default target) speaks Postgres, so a connection may open with
+    /// an SSLRequest instead of a ClientHello.
+    pub fn has_postgres(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.protocol == Protocol::Postgres)
+            || self
+                .default
+                .as_ref()
+                .is_some_and(|d| d.protocol == Protocol::Postgres)
+    }
+
     /// Number of rules.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -577,3 +577,30 @@ pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
         libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX),
     )
 }
+
+/// Whether the kernel offers kernel TLS: a connected loopback socket accepts the `tls` upper
+/// layer protocol (`TCP_ULP`; this also loads the module where it is built as one).
+pub fn probe_ktls() -> io::Result<bool> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let _server = listener.accept()?;
+    let name = b"tls";
+    // SAFETY: `name` is readable for its length during the call.
+    let ret = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENOPROTOOPT) => Ok(false),
+        _ => Err(err),
+    }
+}
