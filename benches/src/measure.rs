@@ -158,16 +158,15 @@ impl ForeignCpu {
         Self { ticks }
     }
 
-    /// Seconds other processes used between `self` and `later`. A process that appeared counts
-    /// whole (it started within the interval); one that ended is counted by its parent's
-    /// reaped-children time.
+    /// Seconds other processes used between `self` and `later`: the sum of every process's own
+    /// and reaped-children time at the end, minus the same sum at the start. A process that
+    /// appeared counts whole (it started within the interval); one that ended is counted by its
+    /// parent's reaped-children time, which includes what it used before the interval — its
+    /// share in the start sum takes that back out.
     pub fn seconds_until(&self, later: &Self) -> f64 {
-        let ticks: u64 = later
-            .ticks
-            .iter()
-            .map(|(pid, t)| t.saturating_sub(self.ticks.get(pid).copied().unwrap_or(0)))
-            .sum();
-        ticks as f64 / USER_HZ
+        let start: u64 = self.ticks.values().sum();
+        let end: u64 = later.ticks.values().sum();
+        end.saturating_sub(start) as f64 / USER_HZ
     }
 }
 
@@ -293,6 +292,19 @@ mod tests {
     #[test]
     fn vm_rss_in_bytes() {
         assert_eq!(parse_vm_rss("Name:\tx\nVmRSS:\t  1024 kB\n"), Some(1 << 20));
+    }
+
+    #[test]
+    fn a_child_reaped_during_the_interval_counts_only_its_time_in_it() {
+        // Parent 1 (10 ticks) and child 2 (50 ticks, 40 of them before the interval); the
+        // child exits and is reaped: the parent's children time grows by all 50.
+        let before = ForeignCpu {
+            ticks: HashMap::from([(1, 10), (2, 40)]),
+        };
+        let after = ForeignCpu {
+            ticks: HashMap::from([(1, 10 + 50), (3, 5)]),
+        };
+        assert_eq!(before.seconds_until(&after), 0.15);
     }
 
     #[test]
