@@ -17,7 +17,7 @@ use crate::{
     report::{Report, update_readme},
     routing::{self, RuleKind},
     run::{self, Plan, TargetResult},
-    targets::{self, Env, TargetSpec},
+    targets::{self, Env, Running, TargetSpec},
     tls::{BenchPki, SNI},
 };
 
@@ -104,23 +104,60 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     let ours = [std::process::id()];
 
-    let mut results = Vec::new();
-    for spec in &specs {
+    // Every target runs at once (idle ones cost nothing), and the runs interleave: run 1 of
+    // each target, then run 2 of each, starting one target further each time, so a change in
+    // the machine's load during the benchmark falls on all targets alike.
+    let mut live: Vec<Live> = Vec::new();
+    let mut results: Vec<Option<TargetResult>> = vec![None; specs.len()];
+    for (i, spec) in specs.iter().enumerate() {
         run::progress(spec.name, "starting");
-        let result = measure_one(&env, spec, client_tls.clone(), &plan, &ours);
-        match result {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                eprintln!("{}: not measured: {e:#}", spec.name);
-                results.push(TargetResult {
-                    target: spec.name.to_owned(),
-                    about: spec.about.to_owned(),
-                    error: Some(format!("{e:#}")),
-                    ..TargetResult::default()
-                });
+        match start_one(&env, spec, client_tls.clone()).and_then(|(running, dialer)| {
+            run::warm_up(spec, &dialer, &plan).map_err(|e| with_log(e, &running))?;
+            Ok((running, dialer))
+        }) {
+            Ok((running, dialer)) => live.push(Live {
+                index: i,
+                running,
+                dialer,
+                samples: Vec::new(),
+            }),
+            Err(e) => results[i] = Some(failed(spec, &e)),
+        }
+    }
+    for round in 0..plan.runs {
+        let n = live.len();
+        for k in 0..n {
+            let Some(t) = live.get_mut((k + round) % n.max(1)) else {
+                continue;
+            };
+            let Some(spec) = specs.get(t.index) else {
+                continue;
+            };
+            if results[t.index].is_some() {
+                continue;
+            }
+            match run::sample(spec, &t.running, &t.dialer, &plan, &ours) {
+                Ok(s) => t.samples.push(s),
+                Err(e) => results[t.index] = Some(failed(spec, &with_log(e, &t.running))),
             }
         }
     }
+    for t in &live {
+        let Some(spec) = specs.get(t.index) else {
+            continue;
+        };
+        if results[t.index].is_some() {
+            continue;
+        }
+        let mut r = run::summarize(spec, &t.samples, &plan);
+        match run::routing(spec, &t.running, &t.dialer, &plan) {
+            Ok(routing) => r.routing = routing,
+            Err(e) => eprintln!("{}: routing not measured: {e:#}", spec.name),
+        }
+        results[t.index] = Some(r);
+    }
+    drop(live);
+    let results: Vec<TargetResult> = results.into_iter().flatten().collect();
 
     let mut lookups = Vec::new();
     if opts.bench == Bench::Peers {
@@ -158,13 +195,39 @@ pub fn run(opts: &Options) -> Result<Report> {
     Ok(report)
 }
 
-fn measure_one(
+/// A started, warmed-up target and its samples so far.
+struct Live {
+    index: usize,
+    running: Running,
+    dialer: Dialer,
+    samples: Vec<run::Sample>,
+}
+
+fn failed(spec: &TargetSpec, e: &anyhow::Error) -> TargetResult {
+    eprintln!("{}: not measured: {e:#}", spec.name);
+    TargetResult {
+        target: spec.name.to_owned(),
+        about: spec.about.to_owned(),
+        error: Some(format!("{e:#}")),
+        ..TargetResult::default()
+    }
+}
+
+fn with_log(e: anyhow::Error, running: &Running) -> anyhow::Error {
+    let tail = running.log_tail();
+    if tail.is_empty() {
+        e
+    } else {
+        e.context(format!("log tail:\n{tail}"))
+    }
+}
+
+/// Starts `spec` and checks that a session goes through it end to end.
+fn start_one(
     env: &Env,
     spec: &TargetSpec,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    plan: &Plan,
-    ours: &[u32],
-) -> Result<TargetResult> {
+) -> Result<(Running, Dialer)> {
     let running = env.start(spec)?;
     let dialer = Dialer {
         addr: running.front,
@@ -179,19 +242,12 @@ fn measure_one(
         bail!(
             "the target does not carry a session end to end ({e:#}){}",
             match running.ingressd {
-                Some(_) => "; ingressd accepts and closes connections until its data plane lands",
+                Some(_) => "; is the daemon's data plane serving?",
                 None => "",
             }
         );
     }
-    run::measure(spec, &running, &dialer, plan, ours).map_err(|e| {
-        let tail = running.log_tail();
-        if tail.is_empty() {
-            e
-        } else {
-            e.context(format!("log tail:\n{tail}"))
-        }
-    })
+    Ok((running, dialer))
 }
 
 /// `path` made absolute: the targets run with their own working directories.

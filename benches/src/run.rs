@@ -131,21 +131,24 @@ pub struct TargetResult {
     pub routing: Option<Routing>,
 }
 
-/// Measures `spec`, started as `running`, with `dialer` pointing at it.
-pub fn measure(
-    spec: &TargetSpec,
-    running: &Running,
-    dialer: &Dialer,
-    plan: &Plan,
-    ours: &[u32],
-) -> Result<TargetResult> {
-    let mut r = TargetResult {
-        target: spec.name.to_owned(),
-        about: spec.about.to_owned(),
-        ..TargetResult::default()
-    };
-    let pid = running.pid;
+/// One run of every metric on one target.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    up_gbit_s: f64,
+    down_gbit_s: f64,
+    cpu: CpuUsed,
+    gb: f64,
+    rtt: Percentiles,
+    conn_per_s: f64,
+    conn_errors: u64,
+    ttfb: Percentiles,
+    rss_baseline_bytes: u64,
+    rss_per_conn: Option<f64>,
+    slab_per_conn: Option<f64>,
+}
 
+/// Warms `running` up: a transfer each way, round trips, a short burst of connections.
+pub fn warm_up(spec: &TargetSpec, dialer: &Dialer, plan: &Plan) -> Result<()> {
     progress(spec.name, "warm-up");
     dialer.upload(plan.warmup_bytes).context("warm-up upload")?;
     dialer
@@ -153,91 +156,117 @@ pub fn measure(
         .context("warm-up download")?;
     dialer.ping_pong(plan.ping_bytes, plan.ping_warmup, 0)?;
     dialer.connection_rate(plan.conn_loops, plan.conn_duration / 4)?;
+    Ok(())
+}
+
+/// One run of every metric.
+pub fn sample(
+    spec: &TargetSpec,
+    running: &Running,
+    dialer: &Dialer,
+    plan: &Plan,
+    ours: &[u32],
+) -> Result<Sample> {
+    let pid = running.pid;
+    let mut r = Sample::default();
 
     progress(spec.name, "bulk");
-    let gb = 2.0 * plan.bulk_bytes as f64 / 1e9;
-    let (mut up, mut down, mut sys, mut raw, mut own, mut foreign) =
-        (vec![], vec![], vec![], vec![], vec![], 0.0);
-    for _ in 0..plan.runs {
-        let m0 = CpuMark::now(pid, ours)?;
-        let t_up = dialer.upload(plan.bulk_bytes).context("upload")?;
-        let m1 = CpuMark::now(pid, ours)?;
-        let t_down = dialer.download(plan.bulk_bytes).context("download")?;
-        let m2 = CpuMark::now(pid, ours)?;
-        let used: CpuUsed = m0.until(&m1) + m1.until(&m2);
-        up.push(gbit_s(plan.bulk_bytes, t_up));
-        down.push(gbit_s(plan.bulk_bytes, t_down));
-        sys.push(used.system_s / gb);
-        raw.push(used.system_raw_s / gb);
-        own.push(used.proxy_s / gb);
-        foreign += used.foreign_s;
-    }
-    r.up_gbit_s = median(up);
-    r.down_gbit_s = median(down);
-    r.system_cpu_s_per_gb = median(sys);
-    r.system_cpu_raw_s_per_gb = median(raw);
-    r.proxy_cpu_s_per_gb = median(own);
-    r.foreign_cpu_s = foreign;
+    let m0 = CpuMark::now(pid, ours)?;
+    let t_up = dialer.upload(plan.bulk_bytes).context("upload")?;
+    let m1 = CpuMark::now(pid, ours)?;
+    let t_down = dialer.download(plan.bulk_bytes).context("download")?;
+    let m2 = CpuMark::now(pid, ours)?;
+    r.cpu = m0.until(&m1) + m1.until(&m2);
+    r.gb = 2.0 * plan.bulk_bytes as f64 / 1e9;
+    r.up_gbit_s = gbit_s(plan.bulk_bytes, t_up);
+    r.down_gbit_s = gbit_s(plan.bulk_bytes, t_down);
 
     progress(spec.name, "ping-pong");
-    let mut runs = Vec::new();
-    for _ in 0..plan.runs {
-        let mut samples = dialer.ping_pong(plan.ping_bytes, plan.ping_warmup, plan.pings)?;
-        runs.push(Percentiles::of(&mut samples));
-    }
-    r.rtt = Percentiles::median(&runs);
+    let mut rtt = dialer.ping_pong(plan.ping_bytes, plan.ping_warmup, plan.pings)?;
+    r.rtt = Percentiles::of(&mut rtt);
 
     progress(spec.name, "connections");
-    let (mut rates, mut ttfbs) = (vec![], vec![]);
-    for _ in 0..plan.runs {
-        let mut rate = dialer.connection_rate(plan.conn_loops, plan.conn_duration)?;
-        rates.push(rate.per_second);
-        r.conn_errors += rate.errors;
-        ttfbs.push(Percentiles::of(&mut rate.ttfb));
-    }
-    r.conn_per_s = median(rates);
-    r.ttfb = Percentiles::median(&ttfbs);
+    let mut rate = dialer.connection_rate(plan.conn_loops, plan.conn_duration)?;
+    r.conn_per_s = rate.per_second;
+    r.conn_errors = rate.errors;
+    r.ttfb = Percentiles::of(&mut rate.ttfb);
 
-    progress(spec.name, "idle connections");
-    r.idle_conns = plan.idle_conns;
     if let Some(pid) = pid {
-        let (mut per_conn, mut slab) = (vec![], vec![]);
-        for _ in 0..plan.runs {
-            // Connections of earlier tests may still be closing.
-            thread::sleep(Duration::from_millis(500));
-            let rss0 = tree_rss_bytes(pid);
-            let slab0 = slab_bytes();
-            let held: Vec<Session> = dialer.hold_idle(plan.idle_conns)?;
-            thread::sleep(Duration::from_millis(500));
-            let rss1 = tree_rss_bytes(pid);
-            let slab1 = slab_bytes();
-            r.rss_baseline_bytes = rss0;
-            per_conn.push((rss1 as f64 - rss0 as f64) / plan.idle_conns as f64);
-            slab.push((slab1 as f64 - slab0 as f64) / plan.idle_conns as f64);
-            for s in held {
-                s.close();
-            }
+        progress(spec.name, "idle connections");
+        // Connections of the rate test may still be closing.
+        thread::sleep(Duration::from_millis(500));
+        let rss0 = tree_rss_bytes(pid);
+        let slab0 = slab_bytes();
+        let held: Vec<Session> = dialer.hold_idle(plan.idle_conns)?;
+        thread::sleep(Duration::from_millis(500));
+        let rss1 = tree_rss_bytes(pid);
+        let slab1 = slab_bytes();
+        r.rss_baseline_bytes = rss0;
+        r.rss_per_conn = Some((rss1 as f64 - rss0 as f64) / plan.idle_conns as f64);
+        r.slab_per_conn = Some((slab1 as f64 - slab0 as f64) / plan.idle_conns as f64);
+        for s in held {
+            s.close();
         }
-        r.rss_per_idle_conn_bytes = Some(median(per_conn));
-        r.slab_per_idle_conn_bytes = Some(median(slab));
-    }
-
-    if let (Some(daemon), Kind::Ingressd(mode)) = (&running.ingressd, spec.kind)
-        && mode != crate::ingressd::IngressdMode::Terminate
-    {
-        progress(spec.name, "routing, 1 vs 10,000 rules");
-        let one_rule = setup_latency(dialer, tls::SNI, plan)?;
-        daemon.set_rules(true)?;
-        let exact = setup_latency(dialer, tls::SNI_LAST_EXACT, plan)?;
-        let pattern = setup_latency(dialer, tls::SNI_LAST_PATTERN, plan)?;
-        daemon.set_rules(false)?;
-        r.routing = Some(Routing {
-            one_rule,
-            many_rules_exact: exact,
-            many_rules_pattern: pattern,
-        });
     }
     Ok(r)
+}
+
+/// The medians of a target's samples.
+pub fn summarize(spec: &TargetSpec, samples: &[Sample], plan: &Plan) -> TargetResult {
+    let per_gb = |f: fn(&CpuUsed) -> f64| median(samples.iter().map(|s| f(&s.cpu) / s.gb));
+    let rtts: Vec<Percentiles> = samples.iter().map(|s| s.rtt).collect();
+    let ttfbs: Vec<Percentiles> = samples.iter().map(|s| s.ttfb).collect();
+    let opt = |f: fn(&Sample) -> Option<f64>| {
+        let v: Vec<f64> = samples.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    TargetResult {
+        target: spec.name.to_owned(),
+        about: spec.about.to_owned(),
+        error: None,
+        up_gbit_s: median(samples.iter().map(|s| s.up_gbit_s)),
+        down_gbit_s: median(samples.iter().map(|s| s.down_gbit_s)),
+        system_cpu_s_per_gb: per_gb(|c| c.system_s),
+        system_cpu_raw_s_per_gb: per_gb(|c| c.system_raw_s),
+        proxy_cpu_s_per_gb: per_gb(|c| c.proxy_s),
+        foreign_cpu_s: samples.iter().map(|s| s.cpu.foreign_s).sum(),
+        rtt: Percentiles::median(&rtts),
+        conn_per_s: median(samples.iter().map(|s| s.conn_per_s)),
+        conn_errors: samples.iter().map(|s| s.conn_errors).sum(),
+        ttfb: Percentiles::median(&ttfbs),
+        idle_conns: plan.idle_conns,
+        rss_baseline_bytes: samples.first().map_or(0, |s| s.rss_baseline_bytes),
+        rss_per_idle_conn_bytes: opt(|s| s.rss_per_conn),
+        slab_per_idle_conn_bytes: opt(|s| s.slab_per_conn),
+        routing: None,
+    }
+}
+
+/// ingressd passthrough only: connection setup with 1 rule, then with 10,000 (created through
+/// the API), hitting an exact and a pattern rule near the end; the rule set is restored.
+pub fn routing(
+    spec: &TargetSpec,
+    running: &Running,
+    dialer: &Dialer,
+    plan: &Plan,
+) -> Result<Option<Routing>> {
+    let (Some(daemon), Kind::Ingressd(mode)) = (&running.ingressd, spec.kind) else {
+        return Ok(None);
+    };
+    if mode == crate::ingressd::IngressdMode::Terminate {
+        return Ok(None);
+    }
+    progress(spec.name, "routing, 1 vs 10,000 rules");
+    let one_rule = setup_latency(dialer, tls::SNI, plan)?;
+    daemon.set_rules(true)?;
+    let exact = setup_latency(dialer, tls::SNI_LAST_EXACT, plan)?;
+    let pattern = setup_latency(dialer, tls::SNI_LAST_PATTERN, plan)?;
+    daemon.set_rules(false)?;
+    Ok(Some(Routing {
+        one_rule,
+        many_rules_exact: exact,
+        many_rules_pattern: pattern,
+    }))
 }
 
 /// Sequential time to first byte for `sni`, `plan.route_conns` connections per run.
