@@ -70,6 +70,8 @@ pub fn run(opts: &Options) -> Result<Report> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        // Named so that profiles tell the backends from a proxy's tokio workers.
+        .thread_name("bench-backend")
         .enable_all()
         .build()
         .context("starting the backends' runtime")?;

@@ -176,11 +176,12 @@ impl Report {
                     };
                     let _ = writeln!(
                         m,
-                        "| {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {:.2} |",
                         t.target,
                         f(&r.one_rule),
                         f(&r.many_rules_exact),
-                        f(&r.many_rules_pattern)
+                        f(&r.many_rules_pattern),
+                        r.put_many_rules_s
                     );
                 }
             }

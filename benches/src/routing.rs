@@ -93,7 +93,7 @@ pub fn lookup_latency(rules: usize, kind: RuleKind, samples: usize) -> Result<Lo
     }
     let q = |v: &mut Vec<f64>, q: f64| {
         v.sort_by(f64::total_cmp);
-        let idx = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1)) - 1;
+        let idx = ((q * v.len() as f64 - 1e-9).ceil() as usize).clamp(1, v.len().max(1)) - 1;
         v.get(idx).copied().unwrap_or(0.0)
     };
     Ok(LookupLatency {

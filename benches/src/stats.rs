@@ -46,9 +46,10 @@ pub fn quantile_us(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
+    // The epsilon keeps 0.999 × 1000 from rounding up to rank 1000.
+    let rank = (q * sorted.len() as f64 - 1e-9).ceil() as usize;
     let index = rank.clamp(1, sorted.len()) - 1;
-    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    sorted.get(index).map_or(0.0, |d| d.as_nanos() as f64 / 1e3)
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 when empty.

@@ -34,6 +34,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        .thread_name("splice-relay")
         .enable_all()
         .build()
         .context("starting the runtime")?;
