@@ -132,7 +132,8 @@ impl Report {
             "\nRTT: {}-byte ping-pong, {} round trips per run. conn/s: {} loops, each a new \
              connection{}, one byte each way, close; {:.0} s per run; TTFB from connect to the \
              first byte. Memory: proxy RSS growth (all its processes) over {} connections held \
-             open, each answered once end to end.",
+             open, each answered once end to end; the largest of the runs, since later runs \
+             reuse memory the proxy's allocator kept from the first.",
             self.plan.ping_bytes,
             self.plan.pings,
             self.plan.conn_loops,

@@ -124,8 +124,11 @@ pub struct TargetResult {
     pub idle_conns: usize,
     /// Proxy RSS before opening them, bytes.
     pub rss_baseline_bytes: u64,
-    /// Proxy RSS growth per idle connection, bytes.
+    /// Proxy RSS growth per idle connection, bytes: the largest of the runs (see
+    /// [`summarize`]).
     pub rss_per_idle_conn_bytes: Option<f64>,
+    /// The growth measured in each run, in run order.
+    pub rss_per_idle_conn_runs_bytes: Vec<f64>,
     /// Kernel slab growth per idle connection, bytes (all sockets, client and backend
     /// included; noisy on a shared machine).
     pub slab_per_idle_conn_bytes: Option<f64>,
@@ -218,10 +221,11 @@ pub fn summarize(spec: &TargetSpec, samples: &[Sample], plan: &Plan) -> TargetRe
     let per_gb = |f: fn(&CpuUsed) -> f64| median(samples.iter().map(|s| f(&s.cpu) / s.gb));
     let rtts: Vec<Percentiles> = samples.iter().map(|s| s.rtt).collect();
     let ttfbs: Vec<Percentiles> = samples.iter().map(|s| s.ttfb).collect();
-    let opt = |f: fn(&Sample) -> Option<f64>| {
-        let v: Vec<f64> = samples.iter().filter_map(f).collect();
-        (!v.is_empty()).then(|| median(v))
-    };
+    // Memory: the largest growth of the runs, not the median. After the first run a proxy's
+    // allocator (glibc arenas, HAProxy's pools) keeps what the connections used, and the next
+    // runs reuse it without growing: their figures would read as free connections.
+    let largest =
+        |f: fn(&Sample) -> Option<f64>| samples.iter().filter_map(f).max_by(|a, b| a.total_cmp(b));
     TargetResult {
         target: spec.name.to_owned(),
         about: spec.about.to_owned(),
@@ -238,8 +242,9 @@ pub fn summarize(spec: &TargetSpec, samples: &[Sample], plan: &Plan) -> TargetRe
         ttfb: Percentiles::median(&ttfbs),
         idle_conns: plan.idle_conns,
         rss_baseline_bytes: samples.first().map_or(0, |s| s.rss_baseline_bytes),
-        rss_per_idle_conn_bytes: opt(|s| s.rss_per_conn),
-        slab_per_idle_conn_bytes: opt(|s| s.slab_per_conn),
+        rss_per_idle_conn_bytes: largest(|s| s.rss_per_conn),
+        rss_per_idle_conn_runs_bytes: samples.iter().filter_map(|s| s.rss_per_conn).collect(),
+        slab_per_idle_conn_bytes: largest(|s| s.slab_per_conn),
         routing: None,
     }
 }
