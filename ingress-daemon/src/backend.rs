@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Cidr, canonical_ip};
 
-/// Why a backend address is refused.
+/// Why a backend address is refused; [`PolicyError::reason`] is always `backend_not_allowed`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     /// The address is link-local.
@@ -31,22 +31,73 @@ pub enum PolicyError {
     NotUnicast(IpAddr),
 }
 
+impl PolicyError {
+    /// Stable snake_case reason for metrics, logs and API errors: `backend_not_allowed`.
+    pub fn reason(&self) -> &'static str {
+        "backend_not_allowed"
+    }
+}
+
 /// Which backend addresses the daemon may connect to.
 #[derive(Debug, Clone)]
 pub struct BackendPolicy {
     allow: Vec<Cidr>,
     api: SocketAddr,
+    local_addrs: Vec<IpAddr>,
 }
 
 impl BackendPolicy {
-    /// A policy allowing `allow` and protecting the API at `api`.
+    /// A policy allowing `allow` and protecting the API listening on `api` (as bound).
     pub fn new(allow: Vec<Cidr>, api: SocketAddr) -> Self {
-        Self { allow, api }
+        Self {
+            allow,
+            api,
+            local_addrs: Vec::new(),
+        }
     }
 
-    /// Checks an address without a port (instance registration).
+    /// Adds this host's interface addresses, which an API bound to a wildcard also listens on
+    /// (loopback addresses are always covered).
+    #[must_use]
+    pub fn with_local_addrs(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.local_addrs.extend(addrs.into_iter().map(canonical_ip));
+        self.local_addrs.sort_unstable();
+        self.local_addrs.dedup();
+        self
+    }
+
+    /// The networks backends may be in.
+    pub fn allow_list(&self) -> &[Cidr] {
+        &self.allow
+    }
+
+    /// Checks an address without a port (instance registration): never link-local, never
+    /// unspecified, multicast or broadcast, and inside `backend_allow`.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), PolicyError> {
         let ip = canonical_ip(ip);
+        Self::check_unicast(ip)?;
+        self.check_allowed(ip)
+    }
+
+    /// Checks a full backend address (call before every connect to a resolved target): as
+    /// [`Self::check_ip`], and never the API — when the API listens on a wildcard, no local
+    /// address (loopback or [`Self::with_local_addrs`]) on the API's port.
+    pub fn check(&self, addr: SocketAddr) -> Result<(), PolicyError> {
+        let ip = canonical_ip(addr.ip());
+        Self::check_unicast(ip)?;
+        if addr.port() == self.api.port() {
+            let api_ip = canonical_ip(self.api.ip());
+            let local = ip.is_loopback() || self.local_addrs.contains(&ip);
+            if ip == api_ip || (api_ip.is_unspecified() && local) {
+                return Err(PolicyError::ApiAddress(addr));
+            }
+        }
+        self.check_allowed(ip)
+    }
+
+    /// Refuses link-local (cloud metadata), unspecified (the local host), multicast and
+    /// broadcast addresses, whatever the allow-list says.
+    fn check_unicast(ip: IpAddr) -> Result<(), PolicyError> {
         let link_local = match ip {
             IpAddr::V4(v4) => v4.is_link_local(),
             IpAddr::V6(v6) => v6.is_unicast_link_local(),
@@ -60,25 +111,31 @@ impl BackendPolicy {
         if not_unicast {
             return Err(PolicyError::NotUnicast(ip));
         }
-        if !self.allow.iter().any(|net| net.contains(ip)) {
-            return Err(PolicyError::NotAllowed(ip));
-        }
         Ok(())
     }
 
-    /// Checks a full backend address (call before every connect to a resolved target).
-    pub fn check(&self, addr: SocketAddr) -> Result<(), PolicyError> {
-        self.check_ip(addr.ip())?;
-        let ip = canonical_ip(addr.ip());
-        let api_ip = canonical_ip(self.api.ip());
-        // An API bound to a wildcard is reachable on every local address; be conservative.
-        let hits_api = addr.port() == self.api.port()
-            && (ip == api_ip || api_ip.is_unspecified() || ip.is_loopback());
-        if hits_api {
-            return Err(PolicyError::ApiAddress(addr));
+    fn check_allowed(&self, ip: IpAddr) -> Result<(), PolicyError> {
+        if self.allow.iter().any(|net| net.contains(ip)) {
+            Ok(())
+        } else {
+            Err(PolicyError::NotAllowed(ip))
         }
-        Ok(())
     }
+}
+
+/// This host's interface addresses, for a policy protecting an API bound to a wildcard.
+///
+/// Read once at start-up: an address added to an interface later is not covered.
+pub fn local_addrs() -> std::io::Result<Vec<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+    Ok(addrs
+        .filter_map(|ifa| {
+            let addr = ifa.address?;
+            addr.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect())
 }
 
 /// The static instance registry: name → address, read without locks.
@@ -121,65 +178,9 @@ impl Instances {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy() -> BackendPolicy {
-        let allow = ["127.0.0.0/8", "10.0.0.0/8", "::1/128", "::/0"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
-        BackendPolicy::new(allow, "127.0.0.1:9180".parse().unwrap())
-    }
-
-    #[test]
-    fn link_local_is_refused_even_when_allowed() {
-        let p = policy();
-        let cases = [
-            (
-                "169.254.169.254:80",
-                Err(PolicyError::LinkLocal("169.254.169.254".parse().unwrap())),
-            ),
-            (
-                "[fe80::1]:80",
-                Err(PolicyError::LinkLocal("fe80::1".parse().unwrap())),
-            ),
-            (
-                "[::ffff:169.254.1.1]:80",
-                Err(PolicyError::LinkLocal("169.254.1.1".parse().unwrap())),
-            ),
-            (
-                "127.0.0.1:9180",
-                Err(PolicyError::ApiAddress("127.0.0.1:9180".parse().unwrap())),
-            ),
-            (
-                "127.0.0.2:9180",
-                Err(PolicyError::ApiAddress("127.0.0.2:9180".parse().unwrap())),
-            ),
-            (
-                "192.168.1.1:80",
-                Err(PolicyError::NotAllowed("192.168.1.1".parse().unwrap())),
-            ),
-            (
-                "0.0.0.0:80",
-                Err(PolicyError::NotUnicast("0.0.0.0".parse().unwrap())),
-            ),
-            ("10.1.1.1:9180", Ok(())),
-            ("127.0.0.2:5432", Ok(())),
-        ];
-        for (addr, want) in cases {
-            assert_eq!(p.check(addr.parse().unwrap()), want, "{addr}");
-        }
-    }
-
-    #[test]
-    fn registry_swaps_whole_maps() {
-        let r = Instances::new();
-        let before = r.snapshot();
-        assert_eq!(r.insert("a", "127.0.0.2".parse().unwrap()), None);
-        assert_eq!(r.address("a"), Some("127.0.0.2".parse().unwrap()));
-        assert!(before.is_empty());
-        assert_eq!(r.remove("a"), Some("127.0.0.2".parse().unwrap()));
-        assert_eq!(r.address("a"), None);
-    }
-}
+#[allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a failing test panics"
+)]
+mod tests;

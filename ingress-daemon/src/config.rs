@@ -130,6 +130,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 impl FromStr for Cidr {
     type Err = String;
+    /// Parses `addr/len`, or a bare address as a single-host network. An IPv4-mapped IPv6
+    /// network (`::ffff:10.0.0.0/104`) is stored as IPv4 (`10.0.0.0/8`).
     fn from_str(s: &str) -> Result<Self, String> {
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
@@ -139,13 +141,28 @@ impl FromStr for Cidr {
             .parse()
             .map_err(|_| format!("{s:?} is not an IP network"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bad_len = || format!("{s:?} has a bad prefix length");
         let prefix_len = match len {
-            Some(l) => l
+            // Digits only: `u8::from_str` would also take `+8`.
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => l
                 .parse::<u8>()
                 .ok()
                 .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:?} has a bad prefix length"))?,
+                .ok_or_else(bad_len)?,
+            Some(_) => return Err(bad_len()),
             None => max,
+        };
+        let (addr, prefix_len) = match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => (
+                    IpAddr::V4(v4),
+                    prefix_len.checked_sub(96).ok_or_else(|| {
+                        format!("{s:?} is shorter than the IPv4-mapped range (/96)")
+                    })?,
+                ),
+                None => (addr, prefix_len),
+            },
+            IpAddr::V4(_) => (addr, prefix_len),
         };
         let addr = match addr {
             IpAddr::V4(a) => {
@@ -246,6 +263,10 @@ pub struct Config {
     pub dns_server: Option<SocketAddr>,
     /// Suffix appended to an instance name for DNS resolution (`{instance}.<suffix>`).
     pub dns_suffix: Option<String>,
+    /// Time one DNS lookup of an instance may take.
+    pub resolve_timeout_ms: u64,
+    /// Time a DNS answer that an instance does not exist is remembered.
+    pub dns_negative_ttl_ms: u64,
     /// Access log destination: `stderr`, `off` or a file path.
     pub access_log: AccessLog,
     /// Largest API request body, in bytes.
@@ -272,6 +293,8 @@ impl Default for Config {
             backend_allow: default_backend_allow(),
             dns_server: None,
             dns_suffix: None,
+            resolve_timeout_ms: 2_000,
+            dns_negative_ttl_ms: 5_000,
             access_log: AccessLog::Stderr,
             api_max_body_bytes: 1 << 20,
         }
@@ -321,6 +344,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("backend_allow", Kind::List),
     ("dns_server", Kind::Str),
     ("dns_suffix", Kind::Str),
+    ("resolve_timeout_ms", Kind::Int),
+    ("dns_negative_ttl_ms", Kind::Int),
     ("access_log", Kind::Str),
     ("api_max_body_bytes", Kind::Int),
 ];
@@ -449,6 +474,12 @@ impl Config {
             if !ok {
                 return Err(invalid("dns_suffix", "must be a lower-case DNS name"));
             }
+        }
+        if !(1..=60_000).contains(&self.resolve_timeout_ms) {
+            return Err(invalid("resolve_timeout_ms", "must be between 1 and 60000"));
+        }
+        if self.dns_negative_ttl_ms > 3_600_000 {
+            return Err(invalid("dns_negative_ttl_ms", "must be at most 3600000"));
         }
         if self.dns_server.is_some() && self.dns_suffix.is_none() {
             return Err(invalid("dns_server", "needs dns_suffix"));
@@ -642,15 +673,62 @@ mod tests {
     }
 
     #[test]
-    fn cidr_contains_and_normalises() {
-        let net: Cidr = "10.1.2.3/8".parse().unwrap();
+    fn cidrs_parse_contain_and_print() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+        let net = cidr("10.1.2.3/8");
         assert_eq!(net.to_string(), "10.0.0.0/8");
         assert!(net.contains("10.255.0.1".parse().unwrap()));
-        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(
+            net.contains("::ffff:10.0.0.1".parse().unwrap()),
+            "mapped addresses are unwrapped"
+        );
         assert!(!net.contains("11.0.0.1".parse().unwrap()));
-        let all: Cidr = "::/0".parse().unwrap();
-        assert!(all.contains("fe80::1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert_eq!(cidr("::1").to_string(), "::1/128");
+        assert_eq!(cidr("192.0.2.7").to_string(), "192.0.2.7/32");
+        assert_eq!(cidr("::ffff:10.0.0.0/104").to_string(), "10.0.0.0/8");
+        assert!(cidr("::ffff:10.0.0.0/104").contains("10.9.9.9".parse().unwrap()));
+        assert!(cidr("0.0.0.0/0").contains("203.0.113.9".parse().unwrap()));
+        assert!(!cidr("0.0.0.0/0").contains("2001:db8::1".parse().unwrap()));
+        assert!(cidr("::/0").contains("2001:db8::1".parse().unwrap()));
+        assert!(cidr("::/0").contains("fe80::1".parse().unwrap()));
+        assert!(cidr("fc00::/7").contains("fd12:3456::1".parse().unwrap()));
+        assert!(!cidr("fc00::/7").contains("fe00::1".parse().unwrap()));
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0.0/",
+            "10.0.0/8",
+            "10.0.0.0/+8",
+            "10.0.0.0/ 8",
+            "x",
+            "::ffff:1.2.3.4/95",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resolver_settings_are_bounded() {
+        for (env, value, key) in [
+            ("INGRESSD_RESOLVE_TIMEOUT_MS", "0", "resolve_timeout_ms"),
+            ("INGRESSD_RESOLVE_TIMEOUT_MS", "60001", "resolve_timeout_ms"),
+            (
+                "INGRESSD_DNS_NEGATIVE_TTL_MS",
+                "3600001",
+                "dns_negative_ttl_ms",
+            ),
+        ] {
+            let c = Config::load(&sources(&[(env, value)])).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with(key), "{env}={value}: {err}");
+        }
+        let c = Config::load(&sources(&[
+            ("INGRESSD_RESOLVE_TIMEOUT_MS", "250"),
+            ("INGRESSD_DNS_NEGATIVE_TTL_MS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!((c.resolve_timeout_ms, c.dns_negative_ttl_ms), (250, 0));
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! known before the control plane is built: the API's own port is reserved and the backend
 //! policy protects the API address. Records are loaded and listeners bound before the API
 //! starts answering; requests that arrive meanwhile wait in the backlog.
+//!
+//! Start-up contract for supervisors and tests: once the API is bound and the store is
+//! loaded, the bound address is written to `<data_dir>/api.addr` (one line, e.g.
+//! `127.0.0.1:41234`; temp file then rename, replacing any earlier file) and
+//! `ingressd api listening on <addr>` is printed to stderr whatever the log filter. A clean
+//! shutdown removes the file.
 use std::future::Future;
 use std::sync::Arc;
 
@@ -11,6 +17,9 @@ use crate::api::{self, AppState, ReadinessProbe};
 use crate::config::{ApiToken, Config};
 use crate::control::{ControlPlane, Shared};
 use crate::listeners::ConnectionHandler;
+
+/// The file in the data directory holding the bound API address.
+pub const API_ADDR_FILE: &str = "api.addr";
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +89,17 @@ pub async fn run(
     control.load().await;
     let mut state = AppState::new(control.clone(), parts.token);
     state.probes = Arc::new(parts.probes);
+    control
+        .store()
+        .write_file(API_ADDR_FILE, format!("{api_addr}\n").as_bytes())?;
     tracing::info!(addr = %api_addr, data_dir = %control.store().root().display(), "api listening");
+    // The stable line supervisors wait for, printed even when logging is filtered.
+    eprintln!("ingressd api listening on {api_addr}");
     let served = api::serve(api, api::app(state), shutdown).await;
     control.shutdown().await;
+    if let Err(e) = control.store().remove_file(API_ADDR_FILE) {
+        tracing::warn!(error = %e, "removing the api address file");
+    }
     tracing::info!("stopped");
     served.map_err(DaemonError::Serve)
 }

@@ -9,8 +9,9 @@
 //! - [`pattern`]: SNI patterns with whole-label captures, overlap checks, instance templates.
 //! - [`route`]: the per-listener routing table, swapped atomically, read without locks.
 //! - [`certs`]: stored certificates and their selection by SNI for terminate mode.
-//! - [`backend`]: the static instance registry and the backend address policy.
-//! - [`resolver`]: instance name → address, static registry first, then DNS.
+//! - [`backend`]: the static instance registry and the backend address policy — CIDR
+//!   allow-list, never link-local, never the API.
+//! - [`resolver`]: instance name → address, static registry first, then DNS with a TTL cache.
 //! - [`store`]: durable one-file-per-record storage; corrupt files are reported and kept.
 //! - [`listeners`]: binding ingress ports and the [`listeners::ConnectionHandler`] hand-off.
 //! - [`control`]: every control-plane operation, applied to store, listeners and tables.
@@ -24,10 +25,8 @@
 //!   the hello in the socket.
 //! - [`postgres`]: the Postgres `SSLRequest` preamble before a ClientHello, client and backend
 //!   side, read to the exact byte.
-//! - [`policy`]: the backend address policy — CIDR allow-list, never link-local, never the API.
 //! - [`proxy`]: the data path — accept, ClientHello, route, connect, then splice or terminate.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers for the backend.
-//! - [`resolve`]: instance name → address, from the static registry or DNS with a TTL cache.
 //! - `testing` (tests only): prerequisites, free loopback ports, temporary directories.
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
 //!   that carry a flow's bytes between two established sockets.
@@ -45,11 +44,9 @@ pub mod hello;
 pub mod listeners;
 pub mod model;
 pub mod pattern;
-pub mod policy;
 pub mod postgres;
 pub mod proxy;
 pub mod proxy_protocol;
-pub mod resolve;
 pub mod resolver;
 pub mod route;
 pub mod splice;

@@ -135,10 +135,49 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     }
 }
 
+/// A plain file name in the data directory: like a record key, with dots after the first byte.
+fn check_file_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with(['-', '.']);
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::BadKey(name.to_owned()))
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync", dir))
+}
+
+/// Replaces `dir/name` with `bytes`: a temporary file in `dir`, fsynced, renamed over the
+/// target, then `dir` fsynced, so a crash leaves the old or the new file, never a torn one.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(io("writing", &path));
+    if let Err(e) = written {
+        // The temp file is ours and incomplete; the target is untouched.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(dir)
 }
 
 impl Store {
@@ -176,24 +215,25 @@ impl Store {
             source,
         })?;
         bytes.push(b'\n');
-        let tmp = dir.join(format!(".{key}.json.{:016x}.tmp", rand::random::<u64>()));
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(kind.mode())
-            .open(&tmp)
-            .and_then(|mut f| {
-                f.write_all(&bytes)?;
-                f.sync_all()
-            })
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(io("writing", &path));
-        if let Err(e) = written {
-            // The temp file is ours and incomplete; the record file is untouched.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        write_durably(&dir, &format!("{key}.json"), &bytes, kind.mode())
+    }
+
+    /// Writes `<data_dir>/<name>` durably and atomically (temp file, fsync, rename, fsync
+    /// directory), mode 0644: for files other programs read, such as the bound API address.
+    pub fn write_file(&self, name: &str, contents: &[u8]) -> Result<(), StoreError> {
+        check_file_name(name)?;
+        write_durably(&self.root, name, contents, 0o644)
+    }
+
+    /// Removes `<data_dir>/<name>`; a missing file is not an error.
+    pub fn remove_file(&self, name: &str) -> Result<(), StoreError> {
+        check_file_name(name)?;
+        let path = self.root.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("removing", &path)(e)),
         }
-        sync_dir(&dir)
     }
 
     /// Removes a record durably; removing a missing record is not an error.
@@ -370,6 +410,31 @@ mod tests {
             truncated
         );
         assert!(dir.join("port-claims/.84.json.1.tmp").exists());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn plain_files_are_replaced_whole_and_removed() {
+        let (store, dir) = tmp_store("files");
+        store.write_file("api.addr", b"127.0.0.1:1\n").unwrap();
+        store.write_file("api.addr", b"127.0.0.1:2\n").unwrap();
+        let path = dir.join("api.addr");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "127.0.0.1:2\n");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().into_string().ok())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        store.remove_file("api.addr").unwrap();
+        store.remove_file("api.addr").unwrap();
+        assert!(!path.exists());
+        for bad in ["", "../x", "a/b", ".hidden", "-x"] {
+            assert!(
+                matches!(store.write_file(bad, b""), Err(StoreError::BadKey(_))),
+                "{bad}"
+            );
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -91,9 +91,13 @@ impl RustlsServer {
     /// Starts on `ip`, on a port the kernel picks, with `config` (see
     /// [`Leaf::server_config`](crate::pki::Leaf::server_config)).
     pub fn start(ip: impl Into<IpAddr>, config: Arc<ServerConfig>) -> Result<Self> {
-        let ip = ip.into();
-        let listener =
-            TcpListener::bind((ip, 0)).ctx(|| format!("binding a TLS server on {ip}"))?;
+        Self::start_at(SocketAddr::new(ip.into(), 0), config)
+    }
+
+    /// Like [`RustlsServer::start`], on `addr` (a fixed port puts several servers on one port
+    /// of different addresses).
+    pub fn start_at(addr: SocketAddr, config: Arc<ServerConfig>) -> Result<Self> {
+        let listener = TcpListener::bind(addr).ctx(|| format!("binding a TLS server on {addr}"))?;
         let (tx, sessions) = mpsc::channel();
         let acceptor = Acceptor::spawn("rustls", listener, move |tcp, peer| {
             serve(tcp, peer, Arc::clone(&config), &tx);
@@ -186,8 +190,20 @@ impl OpensslServer {
     /// `ACCEPT` line) with the certificate in `cert`, plus `args` (e.g. `["-www"]` to answer HTTP
     /// GETs with a status page, `["-rev"]` to reverse lines). Its output goes to `log`.
     pub fn start(ip: IpAddr, cert: &CertFiles, args: &[&str], log: &Path) -> Result<Self> {
+        Self::start_at(SocketAddr::new(ip, 0), cert, args, log)
+    }
+
+    /// Like [`OpensslServer::start`], on `accept` (a port of 0 lets the kernel pick; a fixed
+    /// port, e.g. from a [`PortLease`](crate::ports::PortLease), puts several servers on one
+    /// port of different addresses).
+    pub fn start_at(
+        accept: SocketAddr,
+        cert: &CertFiles,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<Self> {
         let openssl = tools::find("openssl")?;
-        let accept = SocketAddr::new(ip, 0);
+        let ip = accept.ip();
         let mut cmd = Command::new(openssl);
         cmd.arg("s_server")
             .arg("-accept")
@@ -205,18 +221,22 @@ impl OpensslServer {
                 IpAddr::V6(v6) => format!("[{v6}]"),
             }
         );
+        // With port 0 it prints `ACCEPT <ip>:<port>`; with a fixed port only `ACCEPT`.
+        let fixed = (accept.port() != 0).then_some(accept.port());
         let addr = wait_until(
             "openssl s_server to listen",
             Duration::from_secs(20),
             || {
                 guard.ensure_running()?;
                 let text = std::fs::read_to_string(log).unwrap_or_default();
-                Ok(text.lines().find_map(|l| {
-                    l.strip_prefix(&prefix)?
+                Ok(text.lines().find_map(|l| match fixed {
+                    Some(port) => (l.trim() == "ACCEPT").then_some(port),
+                    None => l
+                        .strip_prefix(&prefix)?
                         .strip_prefix(':')?
                         .trim()
                         .parse::<u16>()
-                        .ok()
+                        .ok(),
                 }))
             },
         )

@@ -7,6 +7,7 @@
 //!   bpffs and, for tests, the servers and clients the end-to-end tests drive.
 //! - [`step`]: named, timed steps with a summary.
 //! - [`suite`]: `cargo xtask test` — setup, then the test suite; the serial-test convention.
+//! - [`schema`]: API conformance — schemathesis against a running daemon's `/openapi.json`.
 //! - [`launch`]: `cargo xtask run` — build and exec the daemon.
 //! - [`bench`]: `cargo xtask bench [splice]` — install the peers, build, run `ingress-bench`.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ mod apt;
 mod bench;
 mod context;
 mod launch;
+mod schema;
 mod setup;
 mod step;
 mod suite;

@@ -74,10 +74,16 @@ const TEST_PACKAGES: &[Package] = &[
         Some("ssh"),
     ),
     pkg("openssh-client", "ssh client", None),
+    // dnsmasq-base: the binary alone; the `dnsmasq` package also runs a system service.
     pkg(
-        "dnsmasq",
-        "DNS server for the dns instance resolver tests",
-        Some("dnsmasq"),
+        "dnsmasq-base",
+        "DNS server (started per test) for the dns instance resolver tests",
+        None,
+    ),
+    pkg(
+        "haproxy",
+        "PROXY protocol v1/v2 receiver in the proxy protocol tests",
+        Some("haproxy"),
     ),
     pkg(
         "iproute2",
@@ -133,10 +139,13 @@ pub fn setup(ctx: &mut Ctx, scope: Scope, check_only: bool) -> Result<()> {
         missing.push(format!("{e:#}"));
     }
     bpffs(ctx, check_only);
-    if scope == Scope::Test
-        && let Err(e) = schemathesis(ctx, check_only)
-    {
-        missing.push(format!("{e:#}"));
+    if scope == Scope::Test {
+        if let Err(e) = schemathesis(ctx, check_only) {
+            missing.push(format!("{e:#}"));
+        }
+        if let Err(e) = cargo_fuzz(ctx, check_only) {
+            missing.push(format!("{e:#}"));
+        }
     }
 
     if !missing.is_empty() {
@@ -354,6 +363,55 @@ fn schemathesis(ctx: &Ctx, check_only: bool) -> Result<()> {
         SCHEMATHESIS,
     ]))
     .with_context(|| format!("installing schemathesis; by hand: {hint}"))
+}
+
+/// The `cargo-fuzz` install command, for messages.
+const CARGO_FUZZ_HINT: &str = "cargo install cargo-fuzz --locked";
+
+/// `cargo-fuzz`, which builds and runs the fuzz targets under `fuzz/` (with the nightly
+/// toolchain, which [`nightly_rust_src`] provides). Present when `cargo fuzz --version` runs.
+fn cargo_fuzz(ctx: &mut Ctx, check_only: bool) -> Result<()> {
+    if let Some(version) = find_cargo_fuzz(ctx)? {
+        println!("  ok  {}", version.trim());
+        return Ok(());
+    }
+    if check_only {
+        bail!("cargo-fuzz: {CARGO_FUZZ_HINT}");
+    }
+    println!("  installing cargo-fuzz: the test suite runs the fuzz targets briefly");
+    run(ctx
+        .cargo()
+        // Outside the workspace, so its .cargo/config.toml and target dir stay out of it.
+        .current_dir(env::temp_dir())
+        .args(["install", "cargo-fuzz", "--locked"]))
+    .with_context(|| format!("installing cargo-fuzz; by hand: {CARGO_FUZZ_HINT}"))?;
+    match find_cargo_fuzz(ctx)? {
+        Some(version) => {
+            println!("  ok  {}", version.trim());
+            Ok(())
+        }
+        None => bail!("cargo-fuzz was installed but `cargo fuzz --version` does not run"),
+    }
+}
+
+fn find_cargo_fuzz(ctx: &mut Ctx) -> Result<Option<String>> {
+    let candidate = match ctx.which("cargo-fuzz") {
+        Some(path) => Some(path),
+        None => cargo_bin_dir()
+            .map(|dir| dir.join("cargo-fuzz"))
+            .filter(|p| is_executable(p)),
+    };
+    let Some(path) = candidate else {
+        return Ok(None);
+    };
+    // Run as cargo runs it: `cargo-fuzz fuzz --version`.
+    let Some(version) = output_if_ok(Command::new(&path).args(["fuzz", "--version"])) else {
+        return Ok(None);
+    };
+    if let Some(dir) = path.parent() {
+        ctx.prepend_path(dir)?;
+    }
+    Ok(Some(version))
 }
 
 #[cfg(test)]

@@ -9,15 +9,17 @@
 //!
 //! # Adding a step
 //! Append a [`Step`] in [`steps`]: `Step::required` when later steps need it to pass,
-//! `Step::independent` otherwise. Planned: a short `cargo fuzz` run per target, schemathesis
-//! against a daemon's `/openapi.json` (setup already installs it, see [`crate::setup::venv_dir`]),
-//! and the kernel matrix (Debian 6.1 and 6.12 under qemu).
+//! `Step::independent` otherwise. After the tests come a short `cargo fuzz` run per target
+//! ([`FUZZ_TARGETS`], [`FUZZ_SECONDS`] each; a crash fails the step and leaves its input under
+//! `fuzz/artifacts/`) and schemathesis against a daemon's `/openapi.json` (see
+//! [`crate::schema`]). Planned: the kernel matrix (Debian 6.1 and 6.12 under qemu).
 use std::{env, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result};
 
 use crate::{
     context::{Ctx, run},
+    schema,
     setup::{self, Scope},
     step::{self, Step},
 };
@@ -44,6 +46,12 @@ pub fn test(ctx: &mut Ctx, no_setup: bool) -> Result<()> {
     }
     result
 }
+
+/// The fuzz targets under `fuzz/`, with their seed corpus (relative to the workspace root).
+const FUZZ_TARGETS: [(&str, &str); 1] = [("client_hello", "ingress-daemon/tests/data/hellos")];
+
+/// How long each fuzz target runs in the suite.
+const FUZZ_SECONDS: u32 = 30;
 
 /// The packages built and tested: the workspace without the eBPF crate, which only builds for
 /// the BPF target (the daemon's build script builds it).
@@ -80,7 +88,35 @@ fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
         cmd.args(["--tests", "--", SERIAL_PREFIX, "--test-threads=1"]);
         run(&mut cmd)
     }));
+    steps.push(Step::independent("fuzz", fuzz));
+    steps.push(Step::independent("api conformance", |ctx| {
+        schema::conformance(ctx)
+    }));
     steps
+}
+
+/// Runs every fuzz target for [`FUZZ_SECONDS`]. New inputs go to a corpus under the target
+/// directory (kept between runs); the seed corpus in the repository is only read.
+fn fuzz(ctx: &mut Ctx) -> Result<()> {
+    for (target, seeds) in FUZZ_TARGETS {
+        let corpus = ctx
+            .target_dir()
+            .join("xtask")
+            .join("fuzz-corpus")
+            .join(target);
+        fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
+        run(ctx
+            .cargo()
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(ctx.root.join(seeds))
+            .arg("--")
+            .arg(format!("-max_total_time={FUZZ_SECONDS}")))
+        .with_context(|| {
+            format!("fuzz target {target} failed: a crash input is under fuzz/artifacts/{target}/")
+        })?;
+    }
+    Ok(())
 }
 
 /// `cargo test` over [`PACKAGES`], with the environment the end-to-end harness reads.

@@ -45,7 +45,16 @@ pub struct Shared {
 impl Shared {
     /// Empty registries for a configuration (whose `api_listen` is the bound address).
     pub fn new(config: Config) -> Result<Self, ResolveError> {
-        let policy = BackendPolicy::new(config.backend_allow.clone(), config.api_listen);
+        let mut policy = BackendPolicy::new(config.backend_allow.clone(), config.api_listen);
+        if config.api_listen.ip().is_unspecified() {
+            // A wildcard API answers on every local address: protect them all.
+            match crate::backend::local_addrs() {
+                Ok(addrs) => policy = policy.with_local_addrs(addrs),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list local addresses for the backend policy")
+                }
+            }
+        }
         let instances = Arc::new(Instances::new());
         let resolver = Resolver::new(instances.clone(), &config)?;
         Ok(Self {

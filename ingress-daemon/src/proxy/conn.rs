@@ -113,13 +113,13 @@ async fn route_and_hand_off(
         .resolver
         .resolve(&route.instance)
         .await
-        .map_err(|e| Refusal::new(Reason::ResolveFailed, &e))?;
+        .map_err(|e| refused(e.reason(), &e))?;
     let addr = SocketAddr::new(ip, route.port);
     dp.inner
         .shared
         .policy
         .check(addr)
-        .map_err(|e| Refusal::new(Reason::BackendNotAllowed, &e))?;
+        .map_err(|e| refused(e.reason(), &e))?;
     let slot = dp
         .take_flow_slot()
         .ok_or_else(|| Refusal::new(Reason::FlowLimit, "max_flows reached"))?;

@@ -20,6 +20,7 @@ use crate::{
 pub struct Dnsmasq {
     guard: ChildGuard,
     addr: SocketAddr,
+    hosts: std::path::PathBuf,
     _lease: PortLease,
     _work: WorkDir,
 }
@@ -28,8 +29,21 @@ impl Dnsmasq {
     /// Starts dnsmasq on `ip` answering each `(name, address)` in `records` (exact names) and
     /// waits until it answers queries.
     pub fn start(ip: Ipv4Addr, records: &[(&str, Ipv4Addr)]) -> Result<Self> {
+        Self::start_with_ttl(ip, records, 0)
+    }
+
+    /// Like [`Dnsmasq::start`], answering with a TTL of `ttl_secs`; the records live in a hosts
+    /// directory dnsmasq watches, so [`Dnsmasq::set_records`] changes them while it runs.
+    pub fn start_with_ttl(
+        ip: Ipv4Addr,
+        records: &[(&str, Ipv4Addr)],
+        ttl_secs: u32,
+    ) -> Result<Self> {
         let dnsmasq = tools::find("dnsmasq")?;
         let work = WorkDir::new("ingt-dnsmasq-")?;
+        let hosts = work.join("hosts.d");
+        std::fs::create_dir_all(&hosts).ctx(|| format!("creating {}", hosts.display()))?;
+        write_hosts(&hosts, records)?;
         let lease = PortLease::new()?;
         let addr = SocketAddr::new(IpAddr::V4(ip), lease.port());
         let mut cmd = Command::new(dnsmasq);
@@ -52,9 +66,8 @@ impl Dnsmasq {
             // Otherwise it switches to a `dnsmasq` user that may not exist.
             cmd.arg("--user=root");
         }
-        for (name, address) in records {
-            cmd.arg(format!("--host-record={name},{address}"));
-        }
+        cmd.arg(format!("--hostsdir={}", hosts.display()))
+            .arg(format!("--local-ttl={ttl_secs}"));
         let mut guard = ChildGuard::spawn("dnsmasq", &mut cmd, Some(&work.join("dnsmasq.log")))?;
         wait_until("dnsmasq to answer a query", START_TIMEOUT, || {
             guard.ensure_running()?;
@@ -65,9 +78,26 @@ impl Dnsmasq {
         Ok(Self {
             guard,
             addr,
+            hosts,
             _lease: lease,
             _work: work,
         })
+    }
+
+    /// Replaces every record; dnsmasq picks the change up by itself (inotify), and this waits
+    /// until it answers with the new records.
+    pub fn set_records(&self, records: &[(&str, Ipv4Addr)]) -> Result<()> {
+        write_hosts(&self.hosts, records)?;
+        for (name, address) in records {
+            wait_until("dnsmasq to serve the new records", START_TIMEOUT, || {
+                Ok(self
+                    .resolve(name)
+                    .ok()
+                    .filter(|a| a.contains(address))
+                    .map(drop))
+            })?;
+        }
+        Ok(())
     }
 
     /// Where dnsmasq answers (UDP and TCP).
@@ -84,6 +114,19 @@ impl Dnsmasq {
     pub fn resolve(&self, name: &str) -> Result<Vec<Ipv4Addr>> {
         query_a(self.addr, name, Duration::from_secs(5))
     }
+}
+
+/// Writes the records as an /etc/hosts-style file in `dir` (renamed into place, so dnsmasq
+/// never reads half a file).
+fn write_hosts(dir: &std::path::Path, records: &[(&str, Ipv4Addr)]) -> Result<()> {
+    let text: String = records
+        .iter()
+        .map(|(name, ip)| format!("{ip} {name}\n"))
+        .collect();
+    let tmp = dir.with_extension("tmp");
+    std::fs::write(&tmp, text).ctx(|| format!("writing {}", tmp.display()))?;
+    let target = dir.join("records");
+    std::fs::rename(&tmp, &target).ctx(|| format!("renaming to {}", target.display()))
 }
 
 /// Sends one A query for `name` to `server` over UDP and returns the addresses in the answer

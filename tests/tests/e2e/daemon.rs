@@ -3,7 +3,6 @@
 use ingress_tests::Daemon;
 
 #[test]
-#[ignore = "ingressd does not serve its API yet"]
 fn daemon_reports_its_api_address_and_answers_healthz() {
     let mut daemon = Daemon::start().unwrap();
     let api = daemon.api().unwrap();

@@ -7,5 +7,10 @@
 // The whole binary is test code (helpers included): a panic is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+mod clients;
+mod common;
 mod daemon;
+mod dns;
 mod harness;
+mod refusals;
+mod routing;

@@ -1,12 +1,10 @@
 //! The static registry, and the DNS resolver against a real dnsmasq on loopback.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use super::*;
@@ -16,28 +14,61 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// A DNS resolver for `suffix` at `server`, with the given timeout and negative TTL.
+fn dns_resolver(
+    server: SocketAddr,
+    suffix: &str,
+    resolve_timeout: Duration,
+    negative_ttl: Duration,
+) -> Resolver {
+    let config = Config {
+        dns_server: Some(server),
+        dns_suffix: Some(suffix.to_owned()),
+        resolve_timeout_ms: u64::try_from(resolve_timeout.as_millis()).unwrap(),
+        dns_negative_ttl_ms: u64::try_from(negative_ttl.as_millis()).unwrap(),
+        ..Config::default()
+    };
+    Resolver::new(Arc::new(Instances::new()), &config).unwrap()
+}
+
 #[tokio::test]
 async fn static_registry_is_read_live_and_case_insensitively() {
-    let registry = Arc::new(ArcSwap::from_pointee(HashMap::from([(
-        "a".to_owned(),
-        ip("127.0.0.2"),
-    )])));
-    let resolver = Resolver::registry(registry.clone());
-    assert_eq!(resolver.resolve("a").await.unwrap(), ip("127.0.0.2"));
-    assert_eq!(resolver.resolve("A").await.unwrap(), ip("127.0.0.2"));
+    let instances = Arc::new(Instances::new());
+    instances.insert("a", ip("127.0.0.2"));
+    let resolver = Resolver::new(instances.clone(), &Config::default()).unwrap();
+    assert!(!resolver.uses_dns());
+    assert_eq!(resolver.resolve("a").await, Ok(ip("127.0.0.2")));
+    assert_eq!(resolver.resolve("A").await, Ok(ip("127.0.0.2")));
     let err = resolver.resolve("b").await.unwrap_err();
     assert_eq!(err.reason(), "resolve_failed");
-    registry.store(Arc::new(HashMap::from([("b".to_owned(), ip("::1"))])));
-    assert_eq!(resolver.resolve("b").await.unwrap(), ip("::1"));
+    assert_eq!(err.to_string(), "instance \"b\" does not exist");
+    instances.insert("b", ip("::1"));
+    instances.remove("a");
+    assert_eq!(resolver.resolve("b").await, Ok(ip("::1")));
     assert!(resolver.resolve("a").await.is_err());
 }
 
 #[tokio::test]
+async fn the_static_registry_answers_before_dns() {
+    // A server that never answers: a registered name must not wait for it.
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let instances = Arc::new(Instances::new());
+    instances.insert("a", ip("127.0.0.2"));
+    let config = Config {
+        dns_server: Some(sink.local_addr().unwrap()),
+        dns_suffix: Some("vm.test".to_owned()),
+        ..Config::default()
+    };
+    let resolver = Resolver::new(instances, &config).unwrap();
+    assert!(resolver.uses_dns());
+    assert_eq!(resolver.resolve("a").await, Ok(ip("127.0.0.2")));
+}
+
+#[tokio::test]
 async fn instance_names_must_be_one_label() {
-    let resolver = Resolver::registry(Arc::new(HashMap::from([(
-        "a.b".to_owned(),
-        ip("127.0.0.2"),
-    )])));
+    let instances = Arc::new(Instances::new());
+    instances.insert("a.b", ip("127.0.0.2"));
+    let resolver = Resolver::new(instances, &Config::default()).unwrap();
     for bad in ["a.b", "", "-a", "a-", "a_b", "a b", &"x".repeat(64)] {
         let err = resolver.resolve(bad).await.unwrap_err();
         assert!(
@@ -101,10 +132,7 @@ impl Dnsmasq {
     }
 
     fn resolver(&self, negative_ttl: Duration) -> Resolver {
-        let mut config = DnsConfig::new(self.addr, "VM.test.");
-        config.negative_ttl = negative_ttl;
-        config.resolve_timeout = Duration::from_secs(2);
-        Resolver::dns(config)
+        dns_resolver(self.addr, "vm.test", Duration::from_secs(2), negative_ttl)
     }
 
     /// Polls a fresh (uncached) resolver until `instance` resolves to `expected`.
@@ -172,7 +200,21 @@ async fn nxdomain_is_refused_and_cached_briefly() {
     let resolver = dns.resolver(Duration::from_secs(1));
     let first = Instant::now();
     let err = resolver.resolve("nope").await.unwrap_err();
-    assert!(matches!(err, ResolveError::NotFound { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ResolveError::DnsNotFound {
+                detail: "no such name",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("instance \"nope\" does not exist (DNS nope.vm.test.: "),
+        "{err}"
+    );
     assert_eq!(err.reason(), "resolve_failed");
     assert!(
         first.elapsed() < Duration::from_secs(1),
@@ -202,9 +244,12 @@ async fn nxdomain_is_refused_and_cached_briefly() {
 async fn silent_dns_server_times_out() {
     // A UDP socket nobody reads: queries vanish.
     let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let mut config = DnsConfig::new(sink.local_addr().unwrap(), "vm.test");
-    config.resolve_timeout = Duration::from_millis(300);
-    let resolver = Resolver::dns(config);
+    let resolver = dns_resolver(
+        sink.local_addr().unwrap(),
+        "vm.test",
+        Duration::from_millis(300),
+        Duration::from_secs(1),
+    );
     let started = Instant::now();
     let err = resolver.resolve("a").await.unwrap_err();
     assert_eq!(err.reason(), "resolve_timeout", "{err:?}");

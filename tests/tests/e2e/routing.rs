@@ -1,0 +1,122 @@
+//! Routing by SNI with real clients: `curl` and `openssl s_client` through passthrough and
+//! terminate rules to servers on loopback addresses.
+
+use std::{net::SocketAddr, process::Command};
+
+use ingress_tests::{
+    pki::Pki,
+    ports::{PortLease, next_loopback},
+    tls::OpensslServer,
+    tools,
+    workdir::WorkDir,
+};
+
+use crate::common::{
+    certificate, create_ingress, http_backend, instance, kernel_daemon, rule, run,
+};
+
+fn curl(ingress: SocketAddr, host: &str, ca: &std::path::Path) -> String {
+    let mut cmd = Command::new(tools::find("curl").unwrap());
+    cmd.args(["-sS", "--fail", "--max-time", "20", "--resolve"])
+        .arg(format!("{host}:{}:{}", ingress.port(), ingress.ip()))
+        .arg("--cacert")
+        .arg(ca)
+        .arg(format!("https://{host}:{}/", ingress.port()));
+    run(&mut cmd)
+}
+
+/// `openssl s_client` to `ingress` with `sni`, verifying the chain against `ca`; returns the
+/// subject line of the certificate the server presented.
+fn s_client_subject(ingress: SocketAddr, sni: &str, ca: &std::path::Path) -> String {
+    let mut cmd = Command::new(tools::find("openssl").unwrap());
+    cmd.args(["s_client", "-brief", "-verify_return_error", "-connect"])
+        .arg(ingress.to_string())
+        .args(["-servername", sni, "-verify_hostname", sni, "-CAfile"])
+        .arg(ca)
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "s_client to {sni} failed: {text}");
+    assert!(text.contains("Verification: OK"), "{text}");
+    text.lines()
+        .find(|l| l.starts_with("Peer certificate:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn passthrough_pattern_routes_each_server_name_to_its_instance() {
+    let Some(daemon) = kernel_daemon(&[]) else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let work = WorkDir::new("ingt-routing-").unwrap();
+    let pki = Pki::new().unwrap();
+    let ca = pki.write_ca(work.path()).unwrap();
+    // Two servers on one port of two addresses: one pattern rule reaches both.
+    let port = PortLease::new().unwrap();
+    let mut servers = Vec::new();
+    for name in ["a", "b"] {
+        let ip = next_loopback();
+        let host = format!("{name}.example.test");
+        let files = pki
+            .issue(&[host.as_str()])
+            .unwrap()
+            .write(work.path(), name)
+            .unwrap();
+        let log = work.join(&format!("{name}.log"));
+        let addr = SocketAddr::from((ip, port.port()));
+        servers.push(OpensslServer::start_at(addr, &files, &["-www"], &log).unwrap());
+        instance(&api, name, ip);
+    }
+    let ingress = create_ingress(
+        &api,
+        "web",
+        serde_json::json!([rule(
+            "{instance}.example.test",
+            "{instance}",
+            port.port(),
+            "passthrough"
+        )]),
+        None,
+    );
+    for name in ["a", "b"] {
+        let host = format!("{name}.example.test");
+        // curl verifies the certificate for `host`: only that instance's server has it.
+        let page = curl(ingress.addr(), &host, &ca);
+        assert!(page.contains("s_server"), "{page}");
+        let subject = s_client_subject(ingress.addr(), &host, &ca);
+        assert!(
+            subject.contains(&format!("CN={host}")) || subject.contains(&format!("CN = {host}")),
+            "{subject}"
+        );
+    }
+}
+
+#[test]
+fn terminate_rule_serves_a_plaintext_backend_to_curl() {
+    let Some(daemon) = kernel_daemon(&[]) else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let work = WorkDir::new("ingt-terminate-").unwrap();
+    let pki = Pki::new().unwrap();
+    let ca = pki.write_ca(work.path()).unwrap();
+    certificate(&api, &pki, "wildcard", &["*.example.test"]);
+    let ip = next_loopback();
+    let backend = http_backend(ip, "hello from the plaintext backend");
+    instance(&api, "web1", ip);
+    let ingress = create_ingress(
+        &api,
+        "term",
+        serde_json::json!([rule(
+            "web1.example.test",
+            "web1",
+            backend.port(),
+            "terminate"
+        )]),
+        None,
+    );
+    let page = curl(ingress.addr(), "web1.example.test", &ca);
+    assert_eq!(page, "hello from the plaintext backend");
+}
