@@ -7,7 +7,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use ingress_daemon::splice::{Engine, EngineConfig, Offload, Preamble, into_owned_fd};
+use ingress_daemon::splice::{Engine, EngineConfig, Offload, OnEnd, Preamble, into_owned_fd};
+
+/// Flows moving at least this many bytes are reported when they end.
+const BULK_FLOW_BYTES: u64 = 64 << 20;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A splice-engine relay from one loopback port to one backend.
@@ -85,7 +88,27 @@ async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
     let (Ok(client), Ok(backend)) = (into_owned_fd(client), into_owned_fd(backend)) else {
         return;
     };
-    if let Err(e) = engine.splice(client, backend, Preamble::default(), None) {
+    // Bulk flows report which path carried their bytes (in the relay's log), so a slow kernel
+    // path can be told from one whose gate handed the flow to the relay.
+    let on_end: OnEnd = Box::new(|o| {
+        let total = o.client_to_backend.total() + o.backend_to_client.total();
+        if total >= BULK_FLOW_BYTES {
+            eprintln!(
+                "flow {}: {} {:?}, up kernel {} relayed {}, down kernel {} relayed {}, \
+                 gate closures {}, {}",
+                o.id,
+                o.path.as_str(),
+                o.duration,
+                o.client_to_backend.kernel,
+                o.client_to_backend.relayed,
+                o.backend_to_client.kernel,
+                o.backend_to_client.relayed,
+                o.gate_closures,
+                o.end.as_str()
+            );
+        }
+    });
+    if let Err(e) = engine.splice(client, backend, Preamble::default(), Some(on_end)) {
         eprintln!("splice-relay: {e}");
     }
 }
