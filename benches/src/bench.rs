@@ -152,6 +152,9 @@ pub fn run(opts: &Options) -> Result<Report> {
             continue;
         }
         let mut r = run::summarize(spec, &t.samples, &plan);
+        if matches!(spec.kind, targets::Kind::Relay(_)) {
+            r.paths = run::PathShare::from_relay_log(&t.running.log());
+        }
         match run::routing(spec, &t.running, &t.dialer, &plan) {
             Ok(routing) => r.routing = routing,
             Err(e) => eprintln!("{}: routing not measured: {e:#}", spec.name),

@@ -145,6 +145,20 @@ impl Report {
             self.plan.conn_duration.as_secs_f64(),
             self.plan.idle_conns
         );
+        for t in &measured {
+            if let Some(p) = &t.paths {
+                let _ = writeln!(
+                    m,
+                    "`{}` bulk flows: the kernel path carried {:.1} % of {} MiB over {} flows, \
+                     the relay the rest; gate closures: {}.",
+                    t.target,
+                    p.kernel_percent(),
+                    (p.kernel_bytes + p.relayed_bytes) >> 20,
+                    p.flows,
+                    p.gate_closures
+                );
+            }
+        }
         let errors: u64 = measured.iter().map(|t| t.conn_errors).sum();
         if errors > 0 {
             let list: Vec<String> = measured

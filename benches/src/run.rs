@@ -134,6 +134,49 @@ pub struct TargetResult {
     pub slab_per_idle_conn_bytes: Option<f64>,
     /// ingressd only: routing with 1 vs 10,000 rules.
     pub routing: Option<Routing>,
+    /// Splice relay only: which path carried the bulk flows' bytes.
+    pub paths: Option<PathShare>,
+}
+
+/// How the bulk flows through the splice relay were carried, from its log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PathShare {
+    /// Bulk flows reported.
+    pub flows: u64,
+    /// Bytes the eBPF verdict redirected.
+    pub kernel_bytes: u64,
+    /// Bytes the userspace relay moved (all of them with offload off; with the kernel path,
+    /// those passed while the gate was closed).
+    pub relayed_bytes: u64,
+    /// Times a flow's gate closed.
+    pub gate_closures: u64,
+}
+
+impl PathShare {
+    /// Sums the `flow …` lines `splice-relay` logs for bulk flows.
+    pub fn from_relay_log(log: &str) -> Option<Self> {
+        let mut share = Self::default();
+        for line in log.lines().filter(|l| l.starts_with("flow ")) {
+            let num_after = |key: &str| -> u64 {
+                line.split(key)
+                    .skip(1)
+                    .filter_map(|rest| rest.split([' ', ',']).find(|w| !w.is_empty()))
+                    .filter_map(|w| w.parse::<u64>().ok())
+                    .sum()
+            };
+            share.flows += 1;
+            share.kernel_bytes += num_after("kernel ");
+            share.relayed_bytes += num_after("relayed ");
+            share.gate_closures += num_after("gate closures ");
+        }
+        (share.flows > 0).then_some(share)
+    }
+
+    /// The kernel's share of the bytes, in percent.
+    pub fn kernel_percent(&self) -> f64 {
+        let total = (self.kernel_bytes + self.relayed_bytes).max(1);
+        self.kernel_bytes as f64 * 100.0 / total as f64
+    }
 }
 
 /// One run of every metric on one target.
@@ -246,6 +289,7 @@ pub fn summarize(spec: &TargetSpec, samples: &[Sample], plan: &Plan) -> TargetRe
         rss_per_idle_conn_runs_bytes: samples.iter().filter_map(|s| s.rss_per_conn).collect(),
         slab_per_idle_conn_bytes: largest(|s| s.slab_per_conn),
         routing: None,
+        paths: None,
     }
 }
 
@@ -325,4 +369,23 @@ pub fn progress(target: &str, what: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     eprintln!("[{t:6.1}s] {target}: {what}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_log_lines_add_up() {
+        let log = "splice-relay listening on x\n\
+            flow 1: sockmap 5s, up kernel 900 relayed 100, down kernel 0 relayed 0, gate closures 3, closed\n\
+            flow 2: sockmap 1s, up kernel 0 relayed 0, down kernel 1000 relayed 0, gate closures 0, closed\n";
+        let s = PathShare::from_relay_log(log).unwrap();
+        assert_eq!(
+            (s.flows, s.kernel_bytes, s.relayed_bytes, s.gate_closures),
+            (2, 1900, 100, 3)
+        );
+        assert_eq!(s.kernel_percent(), 95.0);
+        assert!(PathShare::from_relay_log("nothing").is_none());
+    }
 }

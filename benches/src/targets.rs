@@ -200,6 +200,15 @@ pub struct Running {
 }
 
 impl Running {
+    /// The proxy's whole log (empty for ingressd and `direct`).
+    pub fn log(&self) -> String {
+        self.child
+            .as_ref()
+            .and_then(|c| c.log_path())
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
     /// The tail of the proxy's log, for error messages.
     pub fn log_tail(&self) -> String {
         match (&self.child, &self.ingressd) {
