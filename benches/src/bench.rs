@@ -220,10 +220,11 @@ fn failed(spec: &TargetSpec, e: &anyhow::Error) -> TargetResult {
 
 fn with_log(e: anyhow::Error, running: &Running) -> anyhow::Error {
     let tail = running.log_tail();
-    if tail.is_empty() {
+    if tail.trim().is_empty() {
         e
     } else {
-        e.context(format!("log tail:\n{tail}"))
+        // The cause first: the report's list of unmeasured targets shows one line.
+        anyhow::anyhow!("{e:#}\n--- the target's log, last lines ---\n{tail}")
     }
 }
 

@@ -285,6 +285,12 @@ impl Env {
                     .arg(offload.to_string())
                     .arg("--workers")
                     .arg(self.workers.to_string());
+                // The daemon's water marks, so the relay splices as ingressd would.
+                let daemon = ingress_daemon::config::Config::default();
+                cmd.arg("--high-water-bytes")
+                    .arg(daemon.high_water_bytes.to_string())
+                    .arg("--low-water-bytes")
+                    .arg(daemon.low_water_bytes.to_string());
                 cmd
             }
             Kind::Haproxy { splice, tls } => peers::haproxy_command(&peer(tls, splice), &dir)?,

@@ -25,6 +25,13 @@ struct Args {
     /// `required` (kernel splice), `off` (userspace relay) or `auto`.
     #[arg(long, default_value = "required")]
     offload: Offload,
+    /// In-flight bytes per direction above which the kernel path's gate closes (default: the
+    /// engine's).
+    #[arg(long)]
+    high_water_bytes: Option<u64>,
+    /// In-flight bytes below which a closed gate reopens (default: the engine's).
+    #[arg(long)]
+    low_water_bytes: Option<u64>,
     /// Runtime worker threads and engine event loops (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -45,10 +52,13 @@ fn main() -> Result<()> {
 }
 
 async fn serve(args: Args, workers: usize) -> Result<()> {
+    let defaults = EngineConfig::default();
     let engine = Engine::start(EngineConfig {
         offload: args.offload,
         shards: workers,
-        ..EngineConfig::default()
+        high_water_bytes: args.high_water_bytes.unwrap_or(defaults.high_water_bytes),
+        low_water_bytes: args.low_water_bytes.unwrap_or(defaults.low_water_bytes),
+        ..defaults
     })
     .context("starting the splice engine")?;
     let listener = TcpListener::bind(args.listen)
