@@ -110,6 +110,8 @@ pub struct TargetResult {
     pub system_cpu_raw_s_per_gb: f64,
     /// The proxy's own CPU seconds per GB.
     pub proxy_cpu_s_per_gb: f64,
+    /// Bulk transfers that failed, one message each (the figures above come from the others).
+    pub bulk_errors: Vec<String>,
     /// CPU seconds other processes used during the bulk transfers (noise indicator).
     pub foreign_cpu_s: f64,
     /// Ping-pong round trips.
@@ -186,6 +188,7 @@ pub struct Sample {
     down_gbit_s: f64,
     cpu: CpuUsed,
     gb: f64,
+    bulk_error: Option<String>,
     rtt: Percentiles,
     conn_per_s: f64,
     conn_errors: u64,
@@ -219,15 +222,24 @@ pub fn sample(
     let mut r = Sample::default();
 
     progress(spec.name, "bulk");
-    let m0 = CpuMark::now(pid, ours)?;
-    let t_up = dialer.upload(plan.bulk_bytes).context("upload")?;
-    let m1 = CpuMark::now(pid, ours)?;
-    let t_down = dialer.download(plan.bulk_bytes).context("download")?;
-    let m2 = CpuMark::now(pid, ours)?;
-    r.cpu = m0.until(&m1) + m1.until(&m2);
-    r.gb = 2.0 * plan.bulk_bytes as f64 / 1e9;
-    r.up_gbit_s = gbit_s(plan.bulk_bytes, t_up);
-    r.down_gbit_s = gbit_s(plan.bulk_bytes, t_down);
+    // A failed transfer (TLS is an integrity check: a lost, duplicated or reordered byte
+    // fails the session) is recorded; the other metrics are still measured.
+    let mut bulk = || -> Result<()> {
+        let m0 = CpuMark::now(pid, ours)?;
+        let t_up = dialer.upload(plan.bulk_bytes).context("upload")?;
+        let m1 = CpuMark::now(pid, ours)?;
+        let t_down = dialer.download(plan.bulk_bytes).context("download")?;
+        let m2 = CpuMark::now(pid, ours)?;
+        r.cpu = m0.until(&m1) + m1.until(&m2);
+        r.gb = 2.0 * plan.bulk_bytes as f64 / 1e9;
+        r.up_gbit_s = gbit_s(plan.bulk_bytes, t_up);
+        r.down_gbit_s = gbit_s(plan.bulk_bytes, t_down);
+        Ok(())
+    };
+    if let Err(e) = bulk() {
+        progress(spec.name, &format!("bulk transfer failed: {e:#}"));
+        r.bulk_error = Some(format!("{e:#}"));
+    }
 
     progress(spec.name, "ping-pong");
     let mut rtt = dialer.ping_pong(plan.ping_bytes, plan.ping_warmup, plan.pings)?;
@@ -261,7 +273,8 @@ pub fn sample(
 
 /// The medians of a target's samples.
 pub fn summarize(spec: &TargetSpec, samples: &[Sample], plan: &Plan) -> TargetResult {
-    let per_gb = |f: fn(&CpuUsed) -> f64| median(samples.iter().map(|s| f(&s.cpu) / s.gb));
+    let bulk: Vec<&Sample> = samples.iter().filter(|s| s.bulk_error.is_none()).collect();
+    let per_gb = |f: fn(&CpuUsed) -> f64| median(bulk.iter().map(|s| f(&s.cpu) / s.gb));
     let rtts: Vec<Percentiles> = samples.iter().map(|s| s.rtt).collect();
     let ttfbs: Vec<Percentiles> = samples.iter().map(|s| s.ttfb).collect();
     // Memory: the largest growth of the runs, not the median. After the first run a proxy's
@@ -273,12 +286,16 @@ pub fn summarize(spec: &TargetSpec, samples: &[Sample], plan: &Plan) -> TargetRe
         target: spec.name.to_owned(),
         about: spec.about.to_owned(),
         error: None,
-        up_gbit_s: median(samples.iter().map(|s| s.up_gbit_s)),
-        down_gbit_s: median(samples.iter().map(|s| s.down_gbit_s)),
+        up_gbit_s: median(bulk.iter().map(|s| s.up_gbit_s)),
+        down_gbit_s: median(bulk.iter().map(|s| s.down_gbit_s)),
+        bulk_errors: samples
+            .iter()
+            .filter_map(|s| s.bulk_error.clone())
+            .collect(),
         system_cpu_s_per_gb: per_gb(|c| c.system_s),
         system_cpu_raw_s_per_gb: per_gb(|c| c.system_raw_s),
         proxy_cpu_s_per_gb: per_gb(|c| c.proxy_s),
-        foreign_cpu_s: samples.iter().map(|s| s.cpu.foreign_s).sum(),
+        foreign_cpu_s: bulk.iter().map(|s| s.cpu.foreign_s).sum(),
         rtt: Percentiles::median(&rtts),
         conn_per_s: median(samples.iter().map(|s| s.conn_per_s)),
         conn_errors: samples.iter().map(|s| s.conn_errors).sum(),
