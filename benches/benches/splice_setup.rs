@@ -65,6 +65,7 @@ fn run(engine: &Engine, pairs: &Pairs, iters: u64) -> (Duration, Duration) {
             f.proxy_client,
             f.proxy_backend,
             Preamble::default(),
+            0,
             Some(Box::new(move |o| {
                 let _ = tx.send(o);
             })),

@@ -69,7 +69,7 @@ pub enum Offload {
 /// Where per-connection access log lines go.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AccessLog {
-    /// Standard error, through tracing.
+    /// Standard error, one JSON line per record beside the daemon's own log lines.
     #[default]
     Stderr,
     /// No access log.

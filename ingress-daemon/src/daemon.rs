@@ -71,6 +71,8 @@ pub struct Parts {
     pub handler: Arc<dyn ConnectionHandler>,
     /// Extra `/readyz` components (e.g. the eBPF splice engine).
     pub probes: Vec<Arc<dyn ReadinessProbe>>,
+    /// Metrics and live flows of the data path, for `/metrics` and `/flows`.
+    pub observe: Option<Arc<dyn crate::api::Observe>>,
 }
 
 /// Loads the store, binds the ingress listeners and serves the API on `api` until `shutdown`
@@ -92,6 +94,7 @@ pub async fn run(
     control
         .store()
         .write_file(API_ADDR_FILE, format!("{api_addr}\n").as_bytes())?;
+    state.observe = parts.observe;
     tracing::info!(addr = %api_addr, data_dir = %control.store().root().display(), "api listening");
     // The stable line supervisors wait for, printed even when logging is filtered.
     eprintln!("ingressd api listening on {api_addr}");

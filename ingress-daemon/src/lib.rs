@@ -1,7 +1,11 @@
 //! ingressd: an SNI-routing TCP ingress whose flows are spliced inside the kernel.
 //!
 //! # Layout
-//! - [`api`]: the axum REST API, its auth, readiness and generated OpenAPI document.
+//! - [`api`]: the axum REST API, its auth, readiness, `/metrics`, `/flows` and generated
+//!   OpenAPI document.
+//! - [`metrics`]: per-ingress Prometheus counters and histograms, read at scrape time.
+//! - [`access_log`]: one JSON line per finished flow and refused connection, written off the
+//!   data path.
 //! - [`config`]: the one [`config::Config`], layered file < environment < flags, validated
 //!   before anything binds.
 //! - [`error`]: the API's stable error codes and [`error::ApiError`].
@@ -30,6 +34,7 @@
 //! - `testing` (tests only): prerequisites, free loopback ports, temporary directories.
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
 //!   that carry a flow's bytes between two established sockets.
+pub mod access_log;
 pub mod api;
 pub mod backend;
 pub mod certs;
@@ -42,6 +47,7 @@ pub mod daemon;
 pub mod error;
 pub mod hello;
 pub mod listeners;
+pub mod metrics;
 pub mod model;
 pub mod pattern;
 pub mod postgres;

@@ -3,12 +3,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser as _;
+use ingress_daemon::access_log::AccessLog;
 use ingress_daemon::cli::{Cli, Command};
 use ingress_daemon::config::{Config, EXIT_CONFIG};
-use ingress_daemon::{ctl, daemon, proxy, splice};
+use ingress_daemon::{ctl, daemon, metrics, proxy, splice};
 
 /// How long live flows may run on after a shutdown signal before they are reset.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long the access log may take to write its last lines at exit.
+const LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The splice engine's settings from the configuration.
 fn engine_config(config: &Config) -> splice::EngineConfig {
@@ -82,16 +86,33 @@ fn main() -> ExitCode {
             }
         };
         let settings = proxy::Settings::from_config(&shared.config);
-        let data_path = proxy::DataPlane::new(shared.clone(), engine.clone(), settings);
+        let metrics = metrics::Metrics::new();
+        let access_log = match AccessLog::start(&shared.config.access_log, metrics.clone()) {
+            Ok(log) => log,
+            Err(e) => {
+                eprintln!("ingressd: {e}");
+                return Err(daemon::DaemonError::DataPath(e.to_string()));
+            }
+        };
+        let data_path = proxy::DataPlane::new(
+            shared.clone(),
+            engine.clone(),
+            settings,
+            metrics,
+            access_log.clone(),
+        );
         let parts = daemon::Parts {
             shared,
             token,
             handler: Arc::new(data_path.clone()),
-            probes: vec![Arc::new(data_path)],
+            probes: vec![Arc::new(data_path.clone())],
+            observe: Some(Arc::new(data_path)),
         };
         let served = daemon::run(api, parts, shutdown).await;
         // Listeners are closed; flows still live get a short drain, then are reset.
         engine.shutdown(DRAIN).await;
+        // The drained and reset flows' lines are written before the process exits.
+        access_log.flush(LOG_FLUSH).await;
         served
     });
     match served {

@@ -364,11 +364,33 @@ impl Drop for SharedMapping {
     }
 }
 
+/// The address of a connected socket's peer.
+pub fn peer_addr(fd: BorrowedFd<'_>) -> io::Result<std::net::SocketAddr> {
+    SockRef::from(&fd)
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket"))
+}
+
 /// Number of open file descriptors of this process (entries of `/proc/self/fd`).
 pub fn open_fd_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?
         .count()
         .saturating_sub(1))
+}
+
+/// User plus system CPU time this process has used.
+pub fn cpu_time() -> io::Result<Duration> {
+    // SAFETY: all-zero is a valid `rusage` (plain integers).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid out-pointer for the duration of the call.
+    cvt(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) })?;
+    let micros = |t: libc::timeval| {
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_usec).unwrap_or(0)
+    };
+    Ok(Duration::from_micros(
+        micros(usage.ru_utime) + micros(usage.ru_stime),
+    ))
 }
 
 /// The soft and hard `RLIMIT_NOFILE`.

@@ -10,6 +10,7 @@
 //! - [`schema`]: API conformance — schemathesis against a running daemon's `/openapi.json`.
 //! - [`launch`]: `cargo xtask run` — build and exec the daemon.
 //! - [`bench`]: `cargo xtask bench [splice]` — install the peers, build, run `ingress-bench`.
+//! - [`vmtest`]: `cargo xtask vmtest` — the splice engine's tests on Debian kernels under qemu.
 #![forbid(unsafe_code)]
 
 mod apt;
@@ -20,8 +21,9 @@ mod schema;
 mod setup;
 mod step;
 mod suite;
+mod vmtest;
 
-use std::{ffi::OsString, process::ExitCode};
+use std::{ffi::OsString, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
@@ -77,6 +79,28 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Boot Debian kernels under qemu and run the splice engine's tests in each.
+    Vmtest {
+        /// The kernel series to boot.
+        #[arg(long, value_enum, default_value = "all")]
+        kernel: vmtest::Which,
+        /// `INGRESSD_TEST_SCALE_MIB` in the guest: what the 1 GiB bulk tests move there.
+        #[arg(long, default_value_t = vmtest::DEFAULT_SCALE_MIB,
+              value_parser = clap::value_parser!(u32).range(1..=1024))]
+        scale_mib: u32,
+        /// Seconds after which a guest is killed.
+        #[arg(long, default_value_t = vmtest::DEFAULT_TIMEOUT.as_secs())]
+        timeout_secs: u64,
+        /// Only check that a failing guest fails the run (boots a guest whose suite is `false`).
+        #[arg(long)]
+        self_check: bool,
+        /// Skip the setup step (the machine is known to be ready).
+        #[arg(long)]
+        no_setup: bool,
+        /// Arguments for the test binary in the guest, after `--` (e.g. a test name filter).
+        #[arg(last = true)]
+        test_args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -111,6 +135,30 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 out,
             },
         ),
+        Command::Vmtest {
+            kernel,
+            scale_mib,
+            timeout_secs,
+            self_check,
+            no_setup,
+            test_args,
+        } => {
+            if !no_setup {
+                setup::setup(&mut ctx, Scope::Vm, false)?;
+            }
+            if self_check {
+                return vmtest::self_check(&ctx);
+            }
+            vmtest::vmtest(
+                &ctx,
+                &vmtest::Options {
+                    which: kernel,
+                    scale_mib,
+                    timeout: Duration::from_secs(timeout_secs),
+                    test_args,
+                },
+            )
+        }
     }
 }
 

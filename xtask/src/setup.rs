@@ -23,7 +23,11 @@ use crate::{
 pub enum Scope {
     /// The build toolchain: what `cargo xtask run` needs.
     Run,
-    /// The toolchain plus the servers and clients the end-to-end tests drive.
+    /// The toolchain plus what the kernel matrix needs: qemu and the tools copied into its
+    /// guests.
+    Vm,
+    /// The toolchain plus the servers and clients the end-to-end tests drive, and the kernel
+    /// matrix's tools (`cargo xtask test` runs the matrix too).
     Test,
 }
 
@@ -32,8 +36,23 @@ impl Scope {
     pub fn name(self) -> &'static str {
         match self {
             Self::Run => "run",
+            Self::Vm => "vm",
             Self::Test => "test",
         }
+    }
+
+    /// The Debian packages this scope needs, each once.
+    fn packages(self) -> Vec<&'static Package> {
+        let mut wanted: Vec<&Package> = TOOLCHAIN_PACKAGES.iter().collect();
+        if self == Self::Test {
+            wanted.extend(TEST_PACKAGES);
+        }
+        if matches!(self, Self::Vm | Self::Test) {
+            wanted.extend(VM_PACKAGES);
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        wanted.retain(|p| seen.insert(p.name));
+        wanted
     }
 }
 
@@ -96,10 +115,56 @@ const TEST_PACKAGES: &[Package] = &[
         None,
     ),
     pkg("procps", "ps/pgrep-style process inspection in tests", None),
+    pkg(
+        "prometheus",
+        "`promtool check metrics` validates the daemon's /metrics exposition",
+        Some("prometheus"),
+    ),
     pkg("python3-pip", "installs schemathesis", None),
     pkg(
         "python3-venv",
         "keeps schemathesis in its own virtualenv",
+        None,
+    ),
+];
+
+/// What `cargo xtask vmtest` needs: qemu, and the tools it copies into the guest's initramfs.
+const VM_PACKAGES: &[Package] = &[
+    pkg(
+        "qemu-system-x86",
+        "boots the Debian kernels of the kernel matrix (software emulation)",
+        None,
+    ),
+    pkg(
+        "busybox-static",
+        "the kernel-matrix guest's shell and core tools",
+        None,
+    ),
+    pkg("cpio", "packs the kernel-matrix guest's initramfs", None),
+    pkg(
+        "xz-utils",
+        "decompresses Debian's .ko.xz modules for the guest's busybox insmod",
+        None,
+    ),
+    pkg("kmod", "depmod orders the guest's kernel modules", None),
+    pkg(
+        "binutils",
+        "objcopy strips debug info from the binaries copied into the guest",
+        None,
+    ),
+    pkg(
+        "iproute2",
+        "`ip netns`/veth in the guest, for the splice liveness tests",
+        None,
+    ),
+    pkg(
+        "python3",
+        "the liveness tests' sink server, also run in the guest",
+        None,
+    ),
+    pkg(
+        "bpftool",
+        "reads the verifier-reported size of the guest's eBPF program",
         None,
     ),
 ];
@@ -115,10 +180,7 @@ pub fn setup(ctx: &mut Ctx, scope: Scope, check_only: bool) -> Result<()> {
     println!("setup (for {}): checking what is missing", scope.name());
     let mut missing = Vec::new();
 
-    let mut wanted: Vec<&Package> = TOOLCHAIN_PACKAGES.iter().collect();
-    if scope == Scope::Test {
-        wanted.extend(TEST_PACKAGES);
-    }
+    let wanted = scope.packages();
     let absent = apt::missing(&wanted)?;
     if absent.is_empty() {
         println!("  ok  Debian packages ({})", wanted.len());
@@ -417,6 +479,20 @@ fn find_cargo_fuzz(ctx: &mut Ctx) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_package_is_wanted_once() {
+        let names: Vec<&str> = Scope::Test.packages().iter().map(|p| p.name).collect();
+        let unique: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(names.len(), unique.len());
+        assert!(names.contains(&"qemu-system-x86") && names.contains(&"postgresql-15"));
+        assert!(
+            !Scope::Run
+                .packages()
+                .iter()
+                .any(|p| p.name == "qemu-system-x86")
+        );
+    }
 
     #[test]
     fn bpffs_is_recognised_by_mount_point_and_type() {

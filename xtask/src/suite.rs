@@ -12,7 +12,11 @@
 //! `Step::independent` otherwise. After the tests come a short `cargo fuzz` run per target
 //! ([`FUZZ_TARGETS`], [`FUZZ_SECONDS`] each; a crash fails the step and leaves its input under
 //! `fuzz/artifacts/`) and schemathesis against a daemon's `/openapi.json` (see
-//! [`crate::schema`]). Planned: the kernel matrix (Debian 6.1 and 6.12 under qemu).
+//! [`crate::schema`]).
+//!
+//! # Kernel matrix
+//! After the host's tests, the splice engine's tests run again on Debian's 6.1 and 6.12 kernels
+//! under qemu ([`crate::vmtest`]), preceded by a check that a failing guest fails the step.
 use std::{env, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result};
@@ -22,6 +26,7 @@ use crate::{
     schema,
     setup::{self, Scope},
     step::{self, Step},
+    vmtest,
 };
 
 /// Tests whose names contain this run alone, after the others.
@@ -55,7 +60,7 @@ const FUZZ_SECONDS: u32 = 30;
 
 /// The packages built and tested: the workspace without the eBPF crate, which only builds for
 /// the BPF target (the daemon's build script builds it).
-const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "ingress-ebpf"];
+pub const PACKAGES: [&str; 3] = ["--workspace", "--exclude", "ingress-ebpf"];
 
 /// The steps of `cargo xtask test`, in order.
 fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
@@ -91,6 +96,20 @@ fn steps(no_setup: bool, skip_log: PathBuf) -> Vec<Step> {
     steps.push(Step::independent("fuzz", fuzz));
     steps.push(Step::independent("api conformance", |ctx| {
         schema::conformance(ctx)
+    }));
+    steps.push(Step::independent("kernel matrix self-check", |ctx| {
+        vmtest::self_check(ctx)
+    }));
+    steps.push(Step::independent("kernel matrix", |ctx| {
+        vmtest::vmtest(
+            ctx,
+            &vmtest::Options {
+                which: vmtest::Which::All,
+                scale_mib: vmtest::DEFAULT_SCALE_MIB,
+                timeout: vmtest::DEFAULT_TIMEOUT,
+                test_args: Vec::new(),
+            },
+        )
     }));
     steps
 }

@@ -118,7 +118,7 @@ async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
             );
         }
     });
-    if let Err(e) = engine.splice(client, backend, Preamble::default(), Some(on_end)) {
+    if let Err(e) = engine.splice(client, backend, Preamble::default(), 0, Some(on_end)) {
         eprintln!("splice-relay: {e}");
     }
 }

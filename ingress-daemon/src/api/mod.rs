@@ -8,7 +8,10 @@
 //! `#[utoipa::path]` attributes, and a test checks it against the served routes.
 pub mod error;
 mod ingresses;
+mod observe;
 mod resources;
+
+pub use observe::{ByteCounts, FlowEntry, FlowList, Observe};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
@@ -59,6 +62,8 @@ pub struct AppState {
     pub probes: Arc<Vec<Arc<dyn ReadinessProbe>>>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
+    /// The data path's metrics and live flows, when there is a data path.
+    pub observe: Option<Arc<dyn Observe>>,
 }
 
 impl AppState {
@@ -70,6 +75,7 @@ impl AppState {
             token,
             probes: Arc::new(Vec::new()),
             max_body_bytes,
+            observe: None,
         }
     }
 }
@@ -165,9 +171,9 @@ impl utoipa::Modify for BearerAuth {
         resources::put_instance, resources::get_instance, resources::list_instances, resources::delete_instance,
         resources::create_certificate, resources::list_certificates, resources::get_certificate,
         resources::delete_certificate,
-        healthz, readyz, openapi_json,
+        healthz, readyz, openapi_json, observe::metrics, observe::flows,
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, FlowList, FlowEntry, ByteCounts)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
 )]
@@ -249,6 +255,8 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(observe::metrics))
+        .route("/flows", get(observe::flows))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))

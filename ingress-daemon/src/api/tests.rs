@@ -124,6 +124,8 @@ async fn every_documented_operation_is_served_and_every_route_is_documented() {
         "GET /healthz",
         "GET /readyz",
         "GET /openapi.json",
+        "GET /metrics",
+        "GET /flows",
     ];
     served.sort_unstable();
     assert_eq!(documented, served);
@@ -281,5 +283,55 @@ async fn create_get_and_delete_through_the_router() {
     assert_eq!(
         (status, body["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_public_and_flows_need_the_token() {
+    let f = fixture(Some("tok")).await;
+    let resp = app(f.state.clone())
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-type"],
+        crate::metrics::exposition::TEXT_CONTENT_TYPE
+    );
+    let text = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8(text.to_vec()).unwrap();
+    assert!(text.contains("# TYPE ingressd_build_info gauge"), "{text}");
+    assert!(!text.contains("# EOF"), "{text}");
+    let resp = app(f.state.clone())
+        .oneshot(
+            Request::get("/metrics")
+                .header("accept", "application/openmetrics-text; version=1.0.0")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"],
+        crate::metrics::exposition::OPENMETRICS_CONTENT_TYPE
+    );
+    assert_eq!(
+        call(&f.state, "GET", "/flows", None, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&f.state, "GET", "/flows?limit=5", None, Some("Bearer tok")).await,
+        (
+            StatusCode::OK,
+            serde_json::json!({"flows": [], "next_after": null})
+        )
+    );
+    assert_eq!(
+        call(&f.state, "GET", "/flows?limit=0", None, Some("Bearer tok"))
+            .await
+            .1["code"],
+        "bad_request"
     );
 }

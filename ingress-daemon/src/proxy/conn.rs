@@ -1,32 +1,97 @@
 //! One connection, from accept to hand-off (or refusal).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::OwnedSemaphorePermit};
 use tracing::{debug, warn};
 
 use super::{DataPlane, FlowSlot, Reason, Refusal, terminate};
 use crate::{
+    access_log::{Outcome, Record},
     connect,
     hello::{self, ClientHelloInfo},
     listeners::IngressHandle,
+    metrics::{self, FlowPath, IngressMetrics},
     model::{Mode, Protocol, ProxyProtocol},
     postgres::{self, ClientPreamble},
     proxy_protocol,
     splice::{self, Preamble},
 };
 
-/// What the data path knows about a flow, for its end-of-flow record.
+/// What the data path knows about a connection, filled in as it learns it; becomes the access
+/// log record when the flow ends or the connection is refused. The strings are only filled
+/// when the access log is on.
 #[derive(Debug)]
-pub(crate) struct FlowMeta {
-    pub(crate) ingress: String,
+pub(crate) struct Conn {
+    pub(crate) counters: Arc<IngressMetrics>,
     pub(crate) client: SocketAddr,
+    pub(crate) accepted_at: Instant,
+    /// When the ClientHello was complete (accept time until then).
+    pub(crate) hello_at: Instant,
     pub(crate) sni: Option<String>,
     pub(crate) alpn: Option<String>,
-    pub(crate) sni_pattern: Option<String>,
-    pub(crate) instance: String,
-    pub(crate) backend: SocketAddr,
-    pub(crate) mode: Mode,
+    pub(crate) rule: Option<String>,
+    pub(crate) instance: Option<String>,
+    pub(crate) backend: Option<SocketAddr>,
+    pub(crate) mode: Option<Mode>,
+}
+
+impl Conn {
+    pub(super) fn new(
+        counters: Arc<IngressMetrics>,
+        client: SocketAddr,
+        accepted_at: Instant,
+    ) -> Self {
+        Self {
+            counters,
+            client,
+            accepted_at,
+            hello_at: accepted_at,
+            sni: None,
+            alpn: None,
+            rule: None,
+            instance: None,
+            backend: None,
+            mode: None,
+        }
+    }
+
+    /// Moves what is known into a flow's record-to-be, leaving this one empty.
+    pub(super) fn take(&mut self) -> Self {
+        Self {
+            counters: self.counters.clone(),
+            client: self.client,
+            accepted_at: self.accepted_at,
+            hello_at: self.hello_at,
+            sni: self.sni.take(),
+            alpn: self.alpn.take(),
+            rule: self.rule.take(),
+            instance: self.instance.take(),
+            backend: self.backend,
+            mode: self.mode,
+        }
+    }
+
+    /// The access log record.
+    pub(super) fn record(self, duration: Duration, outcome: Outcome) -> Record {
+        Record {
+            time: SystemTime::now(),
+            ingress: self.counters.name().clone(),
+            rule: self.rule,
+            client: self.client,
+            sni: self.sni,
+            alpn: self.alpn,
+            instance: self.instance,
+            backend: self.backend,
+            mode: self.mode.map(metrics::mode_str),
+            duration,
+            outcome,
+        }
+    }
 }
 
 /// Serves one accepted connection; the permit is held until the hand-off.
@@ -34,7 +99,7 @@ pub(super) async fn handle(
     dp: DataPlane,
     ingress: Arc<IngressHandle>,
     client: TcpStream,
-    peer: SocketAddr,
+    mut conn: Conn,
     permit: OwnedSemaphorePermit,
 ) {
     // Without it the small messages of a handshake wait for the peer's delayed ACK (Nagle):
@@ -42,12 +107,22 @@ pub(super) async fn handle(
     if let Err(e) = client.set_nodelay(true) {
         debug!(error = %e, "setting TCP_NODELAY on the client socket");
     }
-    if let Err(refusal) = route_and_hand_off(&dp, &ingress, client, peer, permit).await {
-        dp.inner.stats.refuse(refusal.reason);
+    if let Err(refusal) = route_and_hand_off(&dp, &ingress, client, &mut conn, permit).await {
+        conn.counters.on_refuse(refusal.reason);
         if refusal.reason.is_internal() {
             warn!(reason = %refusal.reason, detail = %refusal.detail, "connection refused");
         } else {
             debug!(reason = %refusal.reason, detail = %refusal.detail, "connection refused");
+        }
+        let log = &dp.inner.access_log;
+        if log.enabled() {
+            let took = conn.accepted_at.elapsed();
+            log.log(conn.record(
+                took,
+                Outcome::Refused {
+                    reason: refusal.reason.as_str(),
+                },
+            ));
         }
     }
 }
@@ -60,11 +135,13 @@ async fn route_and_hand_off(
     dp: &DataPlane,
     ingress: &IngressHandle,
     mut client: TcpStream,
-    peer: SocketAddr,
+    conn: &mut Conn,
     permit: OwnedSemaphorePermit,
 ) -> Result<(), Refusal> {
     let settings = &dp.inner.settings;
-    let deadline = Instant::now() + settings.handshake_timeout;
+    let logging = dp.inner.access_log.enabled();
+    let peer = conn.client;
+    let deadline = conn.accepted_at + settings.handshake_timeout;
     let table = ingress.routes.load_full();
 
     // A Postgres client opens with an 8-byte SSLRequest and waits for `S`; answer it, then the
@@ -94,12 +171,25 @@ async fn route_and_hand_off(
     let hello = hello::read_client_hello(&client, settings.max_hello_bytes, deadline.into())
         .await
         .map_err(|e| refused(e.reason(), &e))?;
+    conn.hello_at = Instant::now();
+    conn.counters
+        .hello
+        .observe(conn.hello_at.saturating_duration_since(conn.accepted_at));
+    if logging {
+        conn.sni.clone_from(&hello.sni);
+        conn.alpn = first_alpn(&hello);
+    }
     let route = table
         .lookup(hello.sni.as_deref())
         .ok_or_else(|| match &hello.sni {
             None => Refusal::new(Reason::NoSni, "no server name and no default target"),
             Some(sni) => Refusal::new(Reason::UnknownSni, format_args!("no rule for {sni}")),
         })?;
+    conn.mode = Some(route.mode);
+    if logging {
+        conn.rule = Some(route.sni_pattern.unwrap_or("default").to_owned());
+        conn.instance = Some(route.instance.clone().into_owned());
+    }
     if pg_request && route.protocol != Protocol::Postgres {
         return Err(Refusal::new(
             Reason::ProtocolMismatch,
@@ -115,6 +205,7 @@ async fn route_and_hand_off(
         .await
         .map_err(|e| refused(e.reason(), &e))?;
     let addr = SocketAddr::new(ip, route.port);
+    conn.backend = Some(addr);
     dp.inner
         .shared
         .policy
@@ -123,21 +214,6 @@ async fn route_and_hand_off(
     let slot = dp
         .take_flow_slot()
         .ok_or_else(|| Refusal::new(Reason::FlowLimit, "max_flows reached"))?;
-    dp.inner
-        .stats
-        .routed
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-
-    let meta = FlowMeta {
-        ingress: ingress.name.clone(),
-        client: peer,
-        sni: hello.sni.clone(),
-        alpn: first_alpn(&hello),
-        sni_pattern: route.sni_pattern.map(str::to_owned),
-        instance: route.instance.clone().into_owned(),
-        backend: addr,
-        mode: route.mode,
-    };
     let proxy_header = route
         .proxy_protocol
         .map(|v| header(v, peer, client.local_addr().unwrap_or(ingress.local_addr)));
@@ -160,6 +236,7 @@ async fn route_and_hand_off(
                     .map_err(|e| refused(e.reason(), &e))?;
                 backend_consumed = 1;
             }
+            conn.counters.connect.observe(conn.hello_at.elapsed());
             drop(permit);
             splice_flow(
                 dp,
@@ -167,7 +244,7 @@ async fn route_and_hand_off(
                 backend,
                 pg_request,
                 backend_consumed,
-                meta,
+                conn.take(),
                 slot,
             )
         }
@@ -181,10 +258,10 @@ async fn route_and_hand_off(
                     postgres,
                     proxy_header,
                     deadline,
-                    meta,
                     slot,
                     permit,
                 },
+                conn,
             )
             .await
         }
@@ -228,7 +305,7 @@ fn splice_flow(
     backend: TcpStream,
     pg_request: bool,
     backend_consumed: u64,
-    meta: FlowMeta,
+    flow: Conn,
     slot: FlowSlot,
 ) -> Result<(), Refusal> {
     let internal = |e: std::io::Error| Refusal::new(Reason::Internal, e);
@@ -238,27 +315,37 @@ fn splice_flow(
         client_consumed: if pg_request { 8 } else { 0 },
         backend_consumed,
     };
+    let counters = flow.counters.clone();
     let on_end: splice::OnEnd = Box::new(move |outcome| {
+        let path = FlowPath::from(outcome.path);
+        flow.counters
+            .on_flow_end(Mode::Passthrough, path, outcome.end, outcome.duration);
+        let log = &slot.dp.inner.access_log;
+        if log.enabled() {
+            let (up, down) = (outcome.client_to_backend, outcome.backend_to_client);
+            log.log(flow.record(
+                outcome.duration,
+                Outcome::Flow {
+                    id: outcome.id,
+                    path: path.as_str(),
+                    client_to_backend_bytes: up.total(),
+                    backend_to_client_bytes: down.total(),
+                    relayed_bytes: up.relayed + down.relayed,
+                    end: outcome.end.as_str(),
+                },
+            ));
+        }
         drop(slot);
-        debug!(
-            ingress = %meta.ingress,
-            client = %meta.client,
-            sni = meta.sni.as_deref().unwrap_or(""),
-            alpn = meta.alpn.as_deref().unwrap_or(""),
-            rule = meta.sni_pattern.as_deref().unwrap_or("default"),
-            instance = %meta.instance,
-            backend = %meta.backend,
-            mode = ?meta.mode,
-            path = outcome.path.as_str(),
-            end = outcome.end.as_str(),
-            up = outcome.client_to_backend.total(),
-            down = outcome.backend_to_client.total(),
-            "flow ended"
-        );
     });
-    dp.inner
-        .engine
-        .splice(client, backend, preamble, Some(on_end))
-        .map(|_| ())
-        .map_err(|e| Refusal::new(Reason::Internal, e))
+    let engine = &dp.inner.engine;
+    let path = FlowPath::from(engine.path());
+    match engine.splice(client, backend, preamble, counters.tag(), Some(on_end)) {
+        Ok(_) => {
+            counters.on_flow_start(Mode::Passthrough, path);
+            Ok(())
+        }
+        // The kernel's flow table is full: a limit like `max_flows`, not a fault.
+        Err(e @ splice::SpliceError::MapFull) => Err(Refusal::new(Reason::FlowLimit, e)),
+        Err(e) => Err(Refusal::new(Reason::Internal, e)),
+    }
 }

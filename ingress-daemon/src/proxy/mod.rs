@@ -17,17 +17,20 @@
 //! - `refusal`: the stable refusal reasons.
 //! - `conn`: one connection from accept to hand-off.
 //! - `terminate`: the rustls handshake and the relay of terminated flows.
+//! - `observe`: what the data path shows — metrics at scrape time, live flows for `/flows`,
+//!   the `/readyz` component.
 
 mod conn;
+mod observe;
 mod refusal;
 mod terminate;
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
@@ -36,56 +39,13 @@ use tracing::{Instrument as _, debug, warn};
 pub use refusal::{Reason, Refusal};
 
 use crate::{
+    access_log::AccessLog,
     connect::{ConnectOptions, FlowOptions},
     control::Shared,
     listeners::{ConnectionHandler, IngressHandle},
+    metrics::Metrics,
     splice::Engine,
 };
-
-/// Counters of the data path (the metrics module reads them).
-#[derive(Debug, Default)]
-pub struct ProxyStats {
-    accepted: AtomicU64,
-    routed: AtomicU64,
-    refused: [AtomicU64; Reason::ALL.len()],
-    active_terminated: AtomicU64,
-}
-
-impl ProxyStats {
-    /// Connections accepted.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
-
-    /// Connections routed to a backend.
-    pub fn routed(&self) -> u64 {
-        self.routed.load(Ordering::Relaxed)
-    }
-
-    /// Connections refused for `reason`.
-    pub fn refused(&self, reason: Reason) -> u64 {
-        Reason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .and_then(|i| self.refused.get(i))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
-
-    /// Terminated flows being relayed now.
-    pub fn active_terminated(&self) -> u64 {
-        self.active_terminated.load(Ordering::Relaxed)
-    }
-
-    fn refuse(&self, reason: Reason) {
-        if let Some(c) = Reason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .and_then(|i| self.refused.get(i))
-        {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
 
 /// Data-path settings, from the configuration.
 #[derive(Debug, Clone)]
@@ -128,13 +88,22 @@ struct Inner {
     tls: terminate::TlsConfigs,
     handshakes: Arc<Semaphore>,
     flows: AtomicUsize,
-    stats: ProxyStats,
     ktls: bool,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    terminated: observe::TerminatedFlows,
 }
 
 impl DataPlane {
-    /// The data path over the control plane's tables and a started splice engine.
-    pub fn new(shared: Shared, engine: Engine, settings: Settings) -> Self {
+    /// The data path over the control plane's tables and a started splice engine, counting
+    /// into `metrics` and logging finished flows and refusals to `access_log`.
+    pub fn new(
+        shared: Shared,
+        engine: Engine,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+    ) -> Self {
         let ktls = match crate::sys::probe_ktls() {
             Ok(available) => available,
             Err(err) => {
@@ -156,15 +125,22 @@ impl DataPlane {
                 settings,
                 tls,
                 flows: AtomicUsize::new(0),
-                stats: ProxyStats::default(),
                 ktls,
+                metrics,
+                access_log,
+                terminated: observe::TerminatedFlows::default(),
             }),
         }
     }
 
-    /// Data-path counters.
-    pub fn stats(&self) -> &ProxyStats {
-        &self.inner.stats
+    /// The metrics the data path counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The access log.
+    pub fn access_log(&self) -> &AccessLog {
+        &self.inner.access_log
     }
 
     /// The splice engine.
@@ -224,6 +200,8 @@ impl Drop for FlowSlot {
 impl ConnectionHandler for DataPlane {
     fn serve(&self, ingress: Arc<IngressHandle>, listener: TcpListener) -> JoinHandle<()> {
         let dp = self.clone();
+        // Resolved once per listener: a connection only bumps atomics in it.
+        let counters = dp.inner.metrics.ingress(&ingress.name);
         let span =
             tracing::info_span!("listener", ingress = %ingress.name, addr = %ingress.local_addr);
         tokio::spawn(
@@ -242,10 +220,12 @@ impl ConnectionHandler for DataPlane {
                     };
                     match accepted {
                         Ok((stream, peer)) => {
-                            dp.inner.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                            let accepted_at = Instant::now();
+                            counters.on_accept();
                             let span = tracing::debug_span!("conn", %peer);
+                            let conn = conn::Conn::new(counters.clone(), peer, accepted_at);
                             tokio::spawn(
-                                conn::handle(dp.clone(), ingress.clone(), stream, peer, permit)
+                                conn::handle(dp.clone(), ingress.clone(), stream, conn, permit)
                                     .instrument(span),
                             );
                         }
@@ -267,27 +247,5 @@ impl ConnectionHandler for DataPlane {
             }
             .instrument(span),
         )
-    }
-}
-
-impl crate::api::ReadinessProbe for DataPlane {
-    fn name(&self) -> &'static str {
-        "data_path"
-    }
-
-    fn report(&self) -> crate::api::ProbeReport {
-        let engine = &self.inner.engine;
-        crate::api::ProbeReport {
-            ready: true,
-            detail: serde_json::json!({
-                "splice_path": engine.path().as_str(),
-                "ebpf_loaded": engine.path() == crate::splice::Path::Sockmap,
-                "ebpf_unavailable_reason": engine.kernel_unavailable_reason(),
-                "ktls_available": self.inner.ktls,
-                "terminated_flows_path": "userspace",
-                "flows": self.active_flows(),
-                "kernel_flows": engine.kernel_dirs_in_use().unwrap_or(0) / 2,
-            }),
-        }
     }
 }

@@ -66,6 +66,11 @@ impl Reason {
         Reason::Internal,
     ];
 
+    /// Position in [`Reason::ALL`] (for counter arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// Stable snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -156,6 +161,9 @@ mod tests {
             assert!(back == reason || back == Reason::Internal, "{reason}");
         }
         assert_eq!(Reason::from_block("closed"), Reason::ClientClosed);
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason}");
+        }
         assert_eq!(Reason::from_block("io_error"), Reason::Internal);
     }
 }

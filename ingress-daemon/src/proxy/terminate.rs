@@ -9,7 +9,7 @@
 use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::Instant,
 };
 
@@ -22,8 +22,17 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::{DataPlane, FlowSlot, Reason, Refusal, conn::FlowMeta};
-use crate::{certs::CertStore, connect, proxy_protocol::ProxyHeader, sys};
+use super::{DataPlane, FlowSlot, Reason, Refusal, conn::Conn, observe::LiveGuard};
+use crate::{
+    access_log::Outcome,
+    certs::CertStore,
+    connect,
+    metrics::{FlowPath, IngressMetrics},
+    model::Mode,
+    proxy_protocol::ProxyHeader,
+    splice::FlowEnd,
+    sys,
+};
 
 /// Relay buffer per direction.
 const RELAY_BUFFER_BYTES: usize = 16 << 10;
@@ -59,21 +68,19 @@ pub(super) struct Terminated {
     pub(super) postgres: bool,
     pub(super) proxy_header: Option<ProxyHeader>,
     pub(super) deadline: Instant,
-    pub(super) meta: FlowMeta,
     pub(super) slot: FlowSlot,
     pub(super) permit: OwnedSemaphorePermit,
 }
 
 /// Handshakes with the client and connects the backend at once, then relays until both
 /// directions end.
-pub(super) async fn run(dp: &DataPlane, t: Terminated) -> Result<(), Refusal> {
+pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Result<(), Refusal> {
     let Terminated {
         client,
         addr,
         postgres,
         proxy_header,
         deadline,
-        meta,
         slot,
         permit,
     } = t;
@@ -82,11 +89,16 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated) -> Result<(), Refusal> {
     } else {
         dp.inner.tls.plain.clone()
     };
+    let counters = &conn.counters;
+    let hello_at = conn.hello_at;
     let handshake = async {
-        tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(config).accept(client))
-            .await
-            .map_err(|_| Refusal::new(Reason::HelloTimeout, "tls handshake not done in time"))?
-            .map_err(|e| Refusal::new(Reason::TlsHandshakeFailed, e))
+        let tls =
+            tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(config).accept(client))
+                .await
+                .map_err(|_| Refusal::new(Reason::HelloTimeout, "tls handshake not done in time"))?
+                .map_err(|e| Refusal::new(Reason::TlsHandshakeFailed, e))?;
+        counters.tls_handshake.observe(hello_at.elapsed());
+        Ok::<_, Refusal>(tls)
     };
     let backend = async {
         let mut backend = connect::connect(addr, &dp.connect_options(true))
@@ -95,82 +107,117 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated) -> Result<(), Refusal> {
         if let Some(header) = &proxy_header {
             super::conn::write_header(&mut backend, header).await?;
         }
+        counters.connect.observe(hello_at.elapsed());
         Ok::<_, Refusal>(backend)
     };
     let (tls, backend) = tokio::join!(handshake, backend);
     let (tls, backend) = (tls?, backend?);
     drop(permit);
-    let stats = &dp.inner.stats;
-    stats.active_terminated.fetch_add(1, Ordering::Relaxed);
+    let id = dp.inner.engine.next_flow_id();
+    let mut flow = conn.take();
+    if dp.inner.access_log.enabled() {
+        flow.alpn = tls
+            .get_ref()
+            .1
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+    }
+    let counters = flow.counters.clone();
+    let live = dp.inner.terminated.insert(id, &flow);
+    counters.on_flow_start(Mode::Terminate, FlowPath::Userspace);
     let client_fd = tls.get_ref().0.as_fd().try_clone_to_owned().ok();
     let backend_fd = backend.as_fd().try_clone_to_owned().ok();
     let started = Instant::now();
-    let (up, down, end) = relay(tls, backend, client_fd, backend_fd).await;
-    stats.active_terminated.fetch_sub(1, Ordering::Relaxed);
+    let sides = Sides {
+        client_fd,
+        backend_fd,
+        live: &live,
+        counters: &counters,
+    };
+    let end = relay(tls, backend, &sides).await;
+    let [up, down] = live.flow.bytes();
+    drop(live);
+    let took = started.elapsed();
+    counters.on_flow_end(Mode::Terminate, FlowPath::Userspace, end, took);
     drop(slot);
     debug!(
-        ingress = %meta.ingress,
-        client = %meta.client,
-        sni = meta.sni.as_deref().unwrap_or(""),
-        alpn = meta.alpn.as_deref().unwrap_or(""),
-        rule = meta.sni_pattern.as_deref().unwrap_or("default"),
-        instance = %meta.instance,
-        backend = %meta.backend,
-        mode = ?meta.mode,
-        path = "userspace",
-        end,
+        flow = id,
+        end = end.as_str(),
         up,
         down,
-        duration_ms = started.elapsed().as_millis() as u64,
         "terminated flow ended"
     );
+    let log = &dp.inner.access_log;
+    if log.enabled() {
+        log.log(flow.record(
+            took,
+            Outcome::Flow {
+                id,
+                path: FlowPath::Userspace.as_str(),
+                client_to_backend_bytes: up,
+                backend_to_client_bytes: down,
+                relayed_bytes: up + down,
+                end: end.as_str(),
+            },
+        ));
+    }
     Ok(())
 }
 
-/// Copies both directions; returns bytes client → backend, backend → client, and how it ended.
-async fn relay<C>(
-    client: C,
-    backend: TcpStream,
+/// What the relay needs besides the streams: descriptors to reset, and where to count.
+struct Sides<'a> {
     client_fd: Option<OwnedFd>,
     backend_fd: Option<OwnedFd>,
-) -> (u64, u64, &'static str)
+    live: &'a LiveGuard<'a>,
+    counters: &'a IngressMetrics,
+}
+
+impl Sides<'_> {
+    fn count(&self, direction: usize, bytes: u64) {
+        self.live.flow.add(direction, bytes);
+        self.counters.on_relayed(direction, bytes);
+    }
+}
+
+/// Copies both directions (counting as it goes); returns how the flow ended.
+async fn relay<C>(client: C, backend: TcpStream, sides: &Sides<'_>) -> FlowEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut backend_r, mut backend_w) = backend.into_split();
-    let up = copy(&mut client_r, &mut backend_w);
-    let down = copy(&mut backend_r, &mut client_w);
+    let up = copy(&mut client_r, &mut backend_w, |n| sides.count(0, n));
+    let down = copy(&mut backend_r, &mut client_w, |n| sides.count(1, n));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (None, None);
     while up_done.is_none() || down_done.is_none() {
         tokio::select! {
             r = &mut up, if up_done.is_none() => {
-                if let Err((n, e)) = r {
+                if let Err(e) = r {
                     // Whose fault: a read error is the client's, a write error the backend's.
                     let (end, victim) = match e {
-                        Side::Read => ("client_reset", &backend_fd),
-                        Side::Write => ("backend_reset", &client_fd),
+                        Side::Read => (FlowEnd::ClientReset, &sides.backend_fd),
+                        Side::Write => (FlowEnd::BackendReset, &sides.client_fd),
                     };
                     reset(victim);
-                    return (n, 0, end);
+                    return end;
                 }
                 up_done = r.ok();
             }
             r = &mut down, if down_done.is_none() => {
-                if let Err((n, e)) = r {
+                if let Err(e) = r {
                     let (end, victim) = match e {
-                        Side::Read => ("backend_reset", &client_fd),
-                        Side::Write => ("client_reset", &backend_fd),
+                        Side::Read => (FlowEnd::BackendReset, &sides.client_fd),
+                        Side::Write => (FlowEnd::ClientReset, &sides.backend_fd),
                     };
                     reset(victim);
-                    return (0, n, end);
+                    return end;
                 }
                 down_done = r.ok();
             }
         }
     }
-    (up_done.unwrap_or(0), down_done.unwrap_or(0), "closed")
+    FlowEnd::Closed
 }
 
 fn reset(fd: &Option<OwnedFd>) {
@@ -185,31 +232,29 @@ enum Side {
 }
 
 /// Copies `from` to `to` until end of stream, then shuts `to` down (a FIN, or `close_notify` +
-/// FIN for TLS). Returns the bytes copied, or on error the bytes so far and which side failed.
-async fn copy<R, W>(from: &mut R, to: &mut W) -> Result<u64, (u64, Side)>
+/// FIN for TLS), passing each chunk's size to `count`. On error, says which side failed.
+async fn copy<R, W>(from: &mut R, to: &mut W, count: impl Fn(u64)) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
-    let mut total = 0u64;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => n,
             // A TLS peer that closes without `close_notify`: its stream ended all the same.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(_) => return Err((total, Side::Read)),
+            Err(_) => return Err(Side::Read),
         };
         if to
             .write_all(buf.get(..n).unwrap_or_default())
             .await
             .is_err()
         {
-            return Err((total, Side::Write));
+            return Err(Side::Write);
         }
-        total += n as u64;
+        count(n as u64);
     }
-    to.shutdown().await.map_err(|_| (total, Side::Write))?;
-    Ok(total)
+    to.shutdown().await.map_err(|_| Side::Write)
 }

@@ -129,6 +129,8 @@ pub(super) enum Step {
 /// One flow's state.
 pub(super) struct Flow {
     pub(super) id: u64,
+    /// The caller's label (e.g. the ingress), reported with the flow.
+    pub(super) tag: u32,
     pub(super) socks: [OwnedFd; 2],
     pub(super) kernel: Option<KernelFlow>,
     dirs: [Dir; 2],
@@ -148,6 +150,7 @@ type Failure = (usize, io::Error);
 impl Flow {
     pub(super) fn new(
         id: u64,
+        tag: u32,
         socks: [OwnedFd; 2],
         kernel: Option<KernelFlow>,
         consumed_pre: [u64; 2],
@@ -159,6 +162,7 @@ impl Flow {
         };
         Self {
             id,
+            tag,
             socks,
             kernel,
             dirs: [dir(consumed_pre[0]), dir(consumed_pre[1])],
@@ -462,7 +466,13 @@ impl Flow {
             end,
             duration: self.started.elapsed(),
             gate_closures: self.gate_closures(kernel),
+            tag: self.tag,
         }
+    }
+
+    /// The peers of the client and backend sockets (for listings; two system calls).
+    pub(super) fn peers(&self) -> [Option<std::net::SocketAddr>; 2] {
+        [0, 1].map(|side| sys::peer_addr(self.socks[side].as_fd()).ok())
     }
 }
 

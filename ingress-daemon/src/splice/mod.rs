@@ -179,6 +179,18 @@ pub enum FlowEnd {
 }
 
 impl FlowEnd {
+    /// Every end, in declaration order (`end as usize` indexes it).
+    pub const ALL: [FlowEnd; 8] = [
+        Self::Closed,
+        Self::ClientReset,
+        Self::BackendReset,
+        Self::ClientTimeout,
+        Self::BackendTimeout,
+        Self::ClientError,
+        Self::BackendError,
+        Self::Shutdown,
+    ];
+
     /// Stable lower-case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -211,6 +223,8 @@ pub struct FlowOutcome {
     pub duration: Duration,
     /// Times the kernel path's gate closed (backpressure episodes).
     pub gate_closures: u64,
+    /// The tag given to [`Engine::splice`].
+    pub tag: u32,
 }
 
 /// A live flow, for listings.
@@ -218,6 +232,12 @@ pub struct FlowOutcome {
 pub struct FlowInfo {
     /// Engine-assigned flow ID.
     pub id: u64,
+    /// The tag given to [`Engine::splice`].
+    pub tag: u32,
+    /// The client's address (the client socket's peer), when the socket still knows it.
+    pub client: Option<std::net::SocketAddr>,
+    /// The backend's address (the backend socket's peer), when the socket still knows it.
+    pub backend: Option<std::net::SocketAddr>,
     /// Path carrying it.
     pub path: Path,
     /// Time since hand-off.
@@ -244,6 +264,53 @@ pub struct Preamble {
 
 /// Called once with the outcome when a flow ends.
 pub type OnEnd = Box<dyn FnOnce(FlowOutcome) + Send>;
+
+/// Bytes of the flows with one tag: finished flows' totals plus live flows' counters, read
+/// together per shard so the sum never goes down between two reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TagBytes {
+    /// Client → backend.
+    pub client_to_backend: DirectionBytes,
+    /// Backend → client.
+    pub backend_to_client: DirectionBytes,
+}
+
+impl TagBytes {
+    pub(crate) fn add(&mut self, other: &TagBytes) {
+        for (mine, theirs) in [
+            (&mut self.client_to_backend, &other.client_to_backend),
+            (&mut self.backend_to_client, &other.backend_to_client),
+        ] {
+            mine.kernel += theirs.kernel;
+            mine.relayed += theirs.relayed;
+        }
+    }
+}
+
+/// What the engine carries now and has carried, for metrics scraped on demand.
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    /// Bytes by tag (index = tag), finished and live flows together.
+    pub bytes_by_tag: Vec<TagBytes>,
+    /// Live flows with a direction gated (backpressure) now.
+    pub gated_flows: u64,
+    /// Times a gate closed, finished and live flows together.
+    pub gate_closures: u64,
+}
+
+impl Usage {
+    fn merge(&mut self, other: Usage) {
+        if self.bytes_by_tag.len() < other.bytes_by_tag.len() {
+            self.bytes_by_tag
+                .resize(other.bytes_by_tag.len(), TagBytes::default());
+        }
+        for (mine, theirs) in self.bytes_by_tag.iter_mut().zip(&other.bytes_by_tag) {
+            mine.add(theirs);
+        }
+        self.gated_flows += other.gated_flows;
+        self.gate_closures += other.gate_closures;
+    }
+}
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +376,7 @@ impl EngineStats {
 /// A flow on its way to a shard.
 struct NewFlow {
     id: u64,
+    tag: u32,
     client: OwnedFd,
     backend: OwnedFd,
     kernel: Option<ebpf::KernelFlow>,
@@ -408,18 +476,35 @@ impl Engine {
         self.inner.kernel.as_ref().map(|k| k.dirs_in_use())
     }
 
+    /// Sockhash capacity (sockets), when the kernel path is loaded.
+    pub fn kernel_capacity(&self) -> Option<u64> {
+        self.inner
+            .kernel
+            .as_ref()
+            .map(|_| u64::from(ingress_common::MAX_SOCKS))
+    }
+
+    /// A fresh flow ID from the engine's sequence, for flows carried elsewhere (terminated
+    /// flows) so IDs stay unique across the daemon.
+    pub fn next_flow_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Hands an established client/backend pair to the engine; returns the flow ID.
-    /// `on_end` is called once with the outcome. The sockets must not have been partly read:
-    /// only whole messages accounted for in `preamble` may have been consumed.
+    /// `tag` is an opaque label (e.g. the ingress) under which [`Engine::usage`] sums the
+    /// flow's bytes; keep tags small and dense, the engine keeps one entry per value up to the
+    /// largest seen. `on_end` is called once with the outcome. The sockets must not have been
+    /// partly read: only whole messages accounted for in `preamble` may have been consumed.
     pub fn splice(
         &self,
         client: OwnedFd,
         backend: OwnedFd,
         preamble: Preamble,
+        tag: u32,
         on_end: Option<OnEnd>,
     ) -> Result<u64, SpliceError> {
         let inner = &*self.inner;
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_flow_id();
         if let Some(liveness) = &inner.config.liveness {
             for fd in [&client, &backend] {
                 sys::set_liveness(std::os::fd::AsFd::as_fd(fd), liveness).map_err(|source| {
@@ -442,6 +527,7 @@ impl Engine {
         let shard = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len().max(1);
         let new = Box::new(NewFlow {
             id,
+            tag,
             client,
             backend,
             kernel,
@@ -466,17 +552,45 @@ impl Engine {
 
     /// Lists live flows.
     pub async fn flows(&self) -> Vec<FlowInfo> {
+        self.flows_page(0, usize::MAX).await
+    }
+
+    /// Lists at most `limit` live flows with an ID above `after`, in ID order.
+    pub async fn flows_page(&self, after: u64, limit: usize) -> Vec<FlowInfo> {
         let mut all = Vec::new();
         for tx in &self.inner.shards {
             let (reply, rx) = oneshot::channel();
-            if tx.send(shard::Command::Snapshot(reply)).is_ok()
+            if tx
+                .send(shard::Command::Snapshot {
+                    after,
+                    limit,
+                    reply,
+                })
+                .is_ok()
                 && let Ok(flows) = rx.await
             {
                 all.extend(flows);
             }
         }
         all.sort_by_key(|f| f.id);
+        all.truncate(limit);
         all
+    }
+
+    /// Bytes by tag (finished plus live flows), gated flows and gate closures. Costs one
+    /// message per shard and a pass over its live flows, reading their counters from the
+    /// shared mapping: no system call.
+    pub async fn usage(&self) -> Usage {
+        let mut usage = Usage::default();
+        for tx in &self.inner.shards {
+            let (reply, rx) = oneshot::channel();
+            if tx.send(shard::Command::Usage(reply)).is_ok()
+                && let Ok(part) = rx.await
+            {
+                usage.merge(part);
+            }
+        }
+        usage
     }
 
     /// Changes the water marks of a live kernel flow (both directions). Setting the high mark

@@ -22,7 +22,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    EngineStats, FlowEnd, FlowInfo, NewFlow,
+    EngineStats, FlowEnd, FlowInfo, NewFlow, TagBytes, Usage,
     ebpf::KernelPath,
     flow::{BufferPool, Cx, Flow, Step, recheck_delay},
 };
@@ -38,8 +38,14 @@ pub(super) enum Command {
         high_water: u64,
         low_water: u64,
     },
-    /// List live flows.
-    Snapshot(oneshot::Sender<Vec<FlowInfo>>),
+    /// List at most `limit` live flows with an ID above `after`, in ID order.
+    Snapshot {
+        after: u64,
+        limit: usize,
+        reply: oneshot::Sender<Vec<FlowInfo>>,
+    },
+    /// Sum bytes by tag, finished and live flows together.
+    Usage(oneshot::Sender<Usage>),
     /// Stop taking flows, wait up to `drain` for the live ones to end, reset the rest.
     Shutdown {
         drain: Duration,
@@ -61,6 +67,8 @@ pub(super) struct Shard {
     pool: BufferPool,
     stats: Arc<EngineStats>,
     live: usize,
+    /// Finished flows' bytes by tag, and their gate closures.
+    finished: Usage,
 }
 
 fn token(generation: u32, slot: u32, side: usize) -> u64 {
@@ -83,6 +91,7 @@ impl Shard {
             pool: BufferPool::new(relay_buffer_bytes),
             stats,
             live: 0,
+            finished: Usage::default(),
         })
     }
 
@@ -124,8 +133,11 @@ impl Shard {
                     Some(Command::SetMarks { id, high_water, low_water }) => {
                         self.set_marks(id, high_water, low_water);
                     }
-                    Some(Command::Snapshot(reply)) => {
-                        let _ = reply.send(self.snapshot());
+                    Some(Command::Snapshot { after, limit, reply }) => {
+                        let _ = reply.send(self.snapshot(after, limit));
+                    }
+                    Some(Command::Usage(reply)) => {
+                        let _ = reply.send(self.usage());
                     }
                     Some(Command::Shutdown { drain, done }) => {
                         accepting = false;
@@ -151,6 +163,7 @@ impl Shard {
     fn add(&mut self, new: NewFlow) {
         let NewFlow {
             id,
+            tag,
             client,
             backend,
             kernel,
@@ -174,6 +187,7 @@ impl Shard {
         let generation = entry.generation;
         let flow = Flow::new(
             id,
+            tag,
             [client, backend],
             kernel,
             [preamble.client_consumed, preamble.backend_consumed],
@@ -201,13 +215,14 @@ impl Shard {
     fn refuse(&mut self, new: NewFlow) {
         let NewFlow {
             id,
+            tag,
             client,
             backend,
             kernel,
             on_end,
             ..
         } = new;
-        let mut flow = Flow::new(id, [client, backend], kernel, [0, 0], on_end);
+        let mut flow = Flow::new(id, tag, [client, backend], kernel, [0, 0], on_end);
         flow.abort();
         self.stats.flow_started(flow.path());
         self.finish(flow, FlowEnd::Shutdown);
@@ -320,6 +335,14 @@ impl Shard {
             "flow ended"
         );
         self.stats.flow_ended(&outcome);
+        self.finished.add_flow(
+            outcome.tag,
+            TagBytes {
+                client_to_backend: outcome.client_to_backend,
+                backend_to_client: outcome.backend_to_client,
+            },
+        );
+        self.finished.gate_closures += outcome.gate_closures;
         let on_end = flow.on_end.take();
         // Closing the descriptors removes the sockets from the sockhash (and from epoll).
         drop(flow);
@@ -358,13 +381,20 @@ impl Shard {
         }
     }
 
-    fn snapshot(&self) -> Vec<FlowInfo> {
+    fn snapshot(&self, after: u64, limit: usize) -> Vec<FlowInfo> {
         let kernel = self.kernel.as_deref();
-        self.flows()
+        let mut page: Vec<&Flow> = self.flows().filter(|f| f.id > after).collect();
+        page.sort_unstable_by_key(|f| f.id);
+        page.truncate(limit);
+        page.into_iter()
             .map(|flow| {
                 let [client_to_backend, backend_to_client] = flow.bytes(kernel);
+                let [client, backend] = flow.peers();
                 FlowInfo {
                     id: flow.id,
+                    tag: flow.tag,
+                    client,
+                    backend,
                     path: flow.path(),
                     age: flow.started.elapsed(),
                     client_to_backend,
@@ -374,6 +404,36 @@ impl Shard {
                 }
             })
             .collect()
+    }
+
+    fn usage(&self) -> Usage {
+        let kernel = self.kernel.as_deref();
+        let mut usage = self.finished.clone();
+        for flow in self.flows() {
+            let [client_to_backend, backend_to_client] = flow.bytes(kernel);
+            usage.add_flow(
+                flow.tag,
+                TagBytes {
+                    client_to_backend,
+                    backend_to_client,
+                },
+            );
+            usage.gated_flows += u64::from(flow.gated(kernel));
+            usage.gate_closures += flow.gate_closures(kernel);
+        }
+        usage
+    }
+}
+
+impl Usage {
+    fn add_flow(&mut self, tag: u32, bytes: TagBytes) {
+        let index = tag as usize;
+        if self.bytes_by_tag.len() <= index {
+            self.bytes_by_tag.resize(index + 1, TagBytes::default());
+        }
+        if let Some(entry) = self.bytes_by_tag.get_mut(index) {
+            entry.add(&bytes);
+        }
     }
 }
 

@@ -148,6 +148,7 @@ impl Server {
             shared,
             token,
             probes: Vec::new(),
+            observe: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

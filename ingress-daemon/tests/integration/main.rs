@@ -7,4 +7,5 @@ mod api_http;
 mod common;
 mod dns;
 mod live_change;
+mod observability;
 mod restart;

@@ -14,7 +14,7 @@ use std::{
 use ingress_daemon::splice::{FlowEnd, Offload, Path};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Pattern, drain, engine, outcome, serial, spliced};
+use crate::support::{Pattern, drain, engine, outcome, scaled_bytes, serial, spliced};
 
 /// Largest allowed gap between bytes sent and bytes read, socket buffers included.
 const LAG_BOUND: u64 = 64 << 20;
@@ -130,7 +130,12 @@ fn run_slow_backend(
 
 async fn slow_backend(offload: Offload, reverse: u64) {
     let _serial = serial();
-    let Some(engine) = engine(offload, |_| {}) else {
+    // Scaled runs (an emulated guest) move less in the 5 s: the water marks shrink with them,
+    // so the gate still has to close.
+    let Some(engine) = engine(offload, |c| {
+        c.high_water_bytes = scaled_bytes(c.high_water_bytes);
+        c.low_water_bytes = scaled_bytes(c.low_water_bytes);
+    }) else {
         return;
     };
     let s = spliced(&engine, |_, _| {});
@@ -171,12 +176,12 @@ async fn serial_slow_backend_slows_the_client_userspace_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_slow_backend_with_busy_reverse_direction_kernel_path() {
-    slow_backend(Offload::Required, 512 << 20).await;
+    slow_backend(Offload::Required, scaled_bytes(512 << 20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_slow_backend_with_busy_reverse_direction_userspace_relay() {
-    slow_backend(Offload::Off, 512 << 20).await;
+    slow_backend(Offload::Off, scaled_bytes(512 << 20)).await;
 }
 
 /// Both directions busy, the backend reading slowly, and the gate forced shut and open again
@@ -188,7 +193,10 @@ async fn serial_forced_pause_resume_cycling_is_exact() {
         return;
     };
     let s = spliced(&engine, |_, _| {});
-    let (up, down) = (96u64 << 20, 512u64 << 20);
+    // `up` stays whole: the slow reader paces it, so it sets how long the run lasts and how many
+    // pause/resume cycles it sees.
+    let up = 96u64 << 20;
+    let down = scaled_bytes(512 << 20).max(up);
     let stop = Arc::new(AtomicBool::new(false));
     let toggler = {
         let (engine, stop, id) = (engine.clone(), stop.clone(), s.id);

@@ -2,7 +2,9 @@
 
 use ingress_daemon::splice::{FlowEnd, Offload, Path};
 
-use crate::support::{bulk_both_ways, bulk_one_way_then_other, engine, outcome, serial, spliced};
+use crate::support::{
+    bulk_both_ways, bulk_one_way_then_other, engine, outcome, scaled_bytes, serial, spliced,
+};
 
 const GIB: u64 = 1 << 30;
 
@@ -69,15 +71,15 @@ async fn bulk(offload: Offload, total: u64, concurrent: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_one_gib_each_way_kernel_path() {
-    bulk(Offload::Required, GIB, false).await;
+    bulk(Offload::Required, scaled_bytes(GIB), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_one_gib_both_ways_at_once_kernel_path() {
-    bulk(Offload::Required, GIB, true).await;
+    bulk(Offload::Required, scaled_bytes(GIB), true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_one_gib_each_way_userspace_relay() {
-    bulk(Offload::Off, GIB, true).await;
+    bulk(Offload::Off, scaled_bytes(GIB), true).await;
 }

@@ -8,7 +8,7 @@ use std::{
 
 use ingress_daemon::splice::{Engine, FlowEnd, Offload};
 
-use crate::support::{Pattern, drain, engine, outcome, spliced};
+use crate::support::{Pattern, drain, engine, outcome, scaled_bytes, spliced};
 
 fn modes() -> Vec<Offload> {
     vec![Offload::Required, Offload::Off]
@@ -78,7 +78,7 @@ async fn half_close(engine: Engine, from_client: bool) {
         (s.server, s.client)
     };
     tokio::task::spawn_blocking(move || {
-        let total = 64 << 20;
+        let total = scaled_bytes(64 << 20);
         let mut closer_r = closer.try_clone().unwrap();
         let closer_reader = std::thread::spawn(move || drain(&mut closer_r).unwrap());
         let mut closer_w = closer;

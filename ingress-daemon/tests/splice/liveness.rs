@@ -143,6 +143,7 @@ async fn dead_backend(n: u8, send_while_dead: bool) {
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
             Preamble::default(),
+            0,
             Some(Box::new(move |o| {
                 let _ = tx.send(o);
             })),

@@ -9,7 +9,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::support::{engine, open_fds, serial};
+use crate::support::{engine, open_fds, scaled_count, serial};
 
 fn payload(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -48,7 +48,7 @@ async fn exchange(stream: TcpStream, data: Vec<u8>) -> (usize, [u8; 32]) {
 }
 
 async fn thousand_flows(engine: Engine) {
-    let flows = 1000u64;
+    let flows = scaled_count(1000);
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let back = TcpListener::bind("127.0.0.1:0").unwrap();
     let baseline = open_fds();
@@ -64,6 +64,7 @@ async fn thousand_flows(engine: Engine) {
                 OwnedFd::from(proxy_client),
                 OwnedFd::from(proxy_backend),
                 Preamble::default(),
+                0,
                 Some(Box::new(move |o| {
                     let _ = tx.send(o);
                 })),

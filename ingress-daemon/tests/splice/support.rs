@@ -4,13 +4,41 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     os::fd::OwnedFd,
-    sync::{Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard, OnceLock},
     time::{Duration, Instant},
 };
 
 use ingress_daemon::splice::{Engine, EngineConfig, FlowOutcome, Offload, Preamble};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
+
+/// Shrinks the bulk tests: the size in MiB that the 1 GiB transfers move; every other bulk size
+/// and the number of concurrent flows shrink in the same proportion. Unset means full size. The
+/// kernel matrix sets it, because an emulated guest moves about 2 Gbit/s.
+pub const SCALE_ENV: &str = "INGRESSD_TEST_SCALE_MIB";
+
+fn scale_mib() -> u64 {
+    static SCALE: OnceLock<u64> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var(SCALE_ENV) {
+        Err(_) => 1024,
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|mib| (1..=1024).contains(mib))
+            .unwrap_or_else(|| panic!("{SCALE_ENV} takes 1 to 1024 (MiB), not {v:?}")),
+    })
+}
+
+/// `full` bytes, scaled by [`SCALE_ENV`]; never below 1 MiB (nor above `full`).
+pub fn scaled_bytes(full: u64) -> u64 {
+    (full * scale_mib() / 1024).max(1 << 20).min(full)
+}
+
+/// `full` items (flows), scaled by [`SCALE_ENV`]; never below 1.
+pub fn scaled_count(full: u64) -> u64 {
+    (full * scale_mib() / 1024).max(1)
+}
 
 /// Heavy tests take this lock so they do not compete for the two cores.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -73,6 +101,7 @@ pub fn spliced(
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
             Preamble::default(),
+            0,
             Some(Box::new(move |outcome| {
                 let _ = tx.send(outcome);
             })),
