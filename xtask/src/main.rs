@@ -9,10 +9,12 @@
 //! - [`suite`]: `cargo xtask test` — setup, then the test suite; the serial-test convention.
 //! - [`schema`]: API conformance — schemathesis against a running daemon's `/openapi.json`.
 //! - [`launch`]: `cargo xtask run` — build and exec the daemon.
+//! - [`bench`]: `cargo xtask bench [splice]` — install the peers, build, run `ingress-bench`.
 //! - [`vmtest`]: `cargo xtask vmtest` — the splice engine's tests on Debian kernels under qemu.
 #![forbid(unsafe_code)]
 
 mod apt;
+mod bench;
 mod context;
 mod launch;
 mod schema;
@@ -60,6 +62,23 @@ enum Command {
     },
     /// Check formatting and clippy lints.
     Lint,
+    /// Benchmark ingressd against a direct connection, HAProxy and nginx (`splice`: the splice
+    /// engine alone); results go to `bench-results/` and the README.
+    Bench {
+        /// `peers` (the default) or `splice`.
+        #[arg(value_enum, default_value = "peers")]
+        which: bench::Which,
+        /// A smoke run of about a minute: one run per metric, small sizes, fewer targets.
+        #[arg(long)]
+        quick: bool,
+        /// Only these targets, comma-separated (`direct`, the baseline, is always measured).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Where to write the results (default `bench-results/`, or the target directory for
+        /// `--quick`); the README is updated only by a full run into the default directory.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Boot Debian kernels under qemu and run the splice engine's tests in each.
     Vmtest {
         /// The kernel series to boot.
@@ -102,6 +121,20 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run { args } => launch::run_daemon(&mut ctx, &args),
         Command::Test { no_setup } => suite::test(&mut ctx, no_setup),
         Command::Lint => lint(&mut ctx),
+        Command::Bench {
+            which,
+            quick,
+            only,
+            out,
+        } => bench::bench(
+            &mut ctx,
+            &bench::BenchArgs {
+                which,
+                quick,
+                only,
+                out,
+            },
+        ),
         Command::Vmtest {
             kernel,
             scale_mib,

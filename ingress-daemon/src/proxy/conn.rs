@@ -102,6 +102,11 @@ pub(super) async fn handle(
     mut conn: Conn,
     permit: OwnedSemaphorePermit,
 ) {
+    // Without it the small messages of a handshake wait for the peer's delayed ACK (Nagle):
+    // 40 ms per TLS handshake through the proxy, whether spliced or terminated.
+    if let Err(e) = client.set_nodelay(true) {
+        debug!(error = %e, "setting TCP_NODELAY on the client socket");
+    }
     if let Err(refusal) = route_and_hand_off(&dp, &ingress, client, &mut conn, permit).await {
         conn.counters.on_refuse(refusal.reason);
         if refusal.reason.is_internal() {
