@@ -287,7 +287,9 @@ impl Env {
                     .arg(self.workers.to_string());
                 // The daemon's water marks, so the relay splices as ingressd would.
                 let daemon = ingress_daemon::config::Config::default();
-                cmd.arg("--high-water-bytes")
+                cmd.arg("--soft-water-bytes")
+                    .arg(daemon.soft_water_bytes.to_string())
+                    .arg("--high-water-bytes")
                     .arg(daemon.high_water_bytes.to_string())
                     .arg("--low-water-bytes")
                     .arg(daemon.low_water_bytes.to_string());

@@ -25,6 +25,10 @@ struct Args {
     /// `required` (kernel splice), `off` (userspace relay) or `auto`.
     #[arg(long, default_value = "required")]
     offload: Offload,
+    /// In-flight bytes per direction above which the sender's window is held closed (default:
+    /// the engine's).
+    #[arg(long)]
+    soft_water_bytes: Option<u64>,
     /// In-flight bytes per direction above which the kernel path's gate closes (default: the
     /// engine's).
     #[arg(long)]
@@ -56,6 +60,7 @@ async fn serve(args: Args, workers: usize) -> Result<()> {
     let engine = Engine::start(EngineConfig {
         offload: args.offload,
         shards: workers,
+        soft_water_bytes: args.soft_water_bytes.unwrap_or(defaults.soft_water_bytes),
         high_water_bytes: args.high_water_bytes.unwrap_or(defaults.high_water_bytes),
         low_water_bytes: args.low_water_bytes.unwrap_or(defaults.low_water_bytes),
         ..defaults
