@@ -12,7 +12,7 @@ use std::{
 };
 
 use criterion::{BenchmarkId, Criterion};
-use ingress_daemon::splice::{Engine, EngineConfig, FlowOutcome, Offload, Preamble};
+use ingress_daemon::splice::{Engine, EngineConfig, FlowOptions, FlowOutcome, Offload};
 
 /// Listeners for the two connected pairs of each flow.
 struct Pairs {
@@ -64,8 +64,7 @@ fn run(engine: &Engine, pairs: &Pairs, iters: u64) -> (Duration, Duration) {
         let spliced = engine.splice(
             f.proxy_client,
             f.proxy_backend,
-            Preamble::default(),
-            0,
+            FlowOptions::default(),
             Some(Box::new(move |o| {
                 let _ = tx.send(o);
             })),

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use ingress_daemon::splice::{Engine, EngineConfig, Offload, OnEnd, Preamble, into_owned_fd};
+use ingress_daemon::splice::{Engine, EngineConfig, FlowOptions, Offload, OnEnd, into_owned_fd};
 
 /// Flows moving at least this many bytes are reported when they end.
 const BULK_FLOW_BYTES: u64 = 64 << 20;
@@ -123,7 +123,7 @@ async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
             );
         }
     });
-    if let Err(e) = engine.splice(client, backend, Preamble::default(), 0, Some(on_end)) {
+    if let Err(e) = engine.splice(client, backend, FlowOptions::default(), Some(on_end)) {
         eprintln!("splice-relay: {e}");
     }
 }

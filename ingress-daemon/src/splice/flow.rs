@@ -154,6 +154,21 @@ pub(super) struct Flow {
     pub(super) on_end: Option<super::OnEnd>,
     /// Consecutive timer rechecks without progress (backoff exponent).
     pub(super) backoff: u8,
+    /// The idle timeout, when the flow has one.
+    idle: Option<Idle>,
+}
+
+/// Idle-timeout state: the flow is idle once its byte total has not changed for `timeout`.
+/// The total is sampled every quarter of the timeout (counters, no syscall), so a flow is
+/// closed after between 1 and 1.25 timeouts without a byte, never earlier.
+#[derive(Debug)]
+struct Idle {
+    timeout: Duration,
+    /// Byte total at the last sample, and when that total was first seen.
+    seen: u64,
+    since: Instant,
+    /// The next sample, once its timer is queued.
+    due: Option<Instant>,
 }
 
 /// Events every flow socket is registered for; `OUT` is added while a relay write is blocked.
@@ -169,6 +184,7 @@ impl Flow {
         kernel: Option<KernelFlow>,
         consumed_pre: [u64; 2],
         on_end: Option<super::OnEnd>,
+        idle_timeout: Option<Duration>,
     ) -> Self {
         let dir = |consumed_pre| Dir {
             consumed_pre,
@@ -184,7 +200,46 @@ impl Flow {
             started: Instant::now(),
             on_end,
             backoff: 0,
+            idle: idle_timeout.map(|timeout| Idle {
+                timeout,
+                seen: 0,
+                since: Instant::now(),
+                due: None,
+            }),
         }
+    }
+
+    /// When the idle check wants a timer that is not queued yet; marks it queued.
+    pub(super) fn idle_timer(&mut self) -> Option<Instant> {
+        let idle = self.idle.as_mut()?;
+        if idle.due.is_some() {
+            return None;
+        }
+        let at = Instant::now() + (idle.timeout / 4).max(Duration::from_millis(50));
+        idle.due = Some(at);
+        Some(at)
+    }
+
+    /// Whether the flow has moved no byte for its idle timeout (samples on the way).
+    fn idle_expired(&mut self, kernel: Option<&KernelPath>) -> bool {
+        let total: u64 = self
+            .bytes(kernel)
+            .iter()
+            .map(|b| b.kernel + b.relayed)
+            .sum();
+        let Some(idle) = self.idle.as_mut() else {
+            return false;
+        };
+        let now = Instant::now();
+        if idle.due.is_some_and(|due| now >= due) {
+            idle.due = None;
+        }
+        if total != idle.seen {
+            idle.seen = total;
+            idle.since = now;
+            return false;
+        }
+        now.saturating_duration_since(idle.since) >= idle.timeout
     }
 
     /// Which path carries this flow.
@@ -247,6 +302,11 @@ impl Flow {
 
     /// Re-evaluates conditions that are polled (timer expiry).
     pub(super) fn on_timer(&mut self, cx: &mut Cx<'_>) -> Step {
+        if self.idle_expired(cx.kernel) {
+            // Nothing moved for the whole timeout: close both sides (a FIN each, or an RST
+            // where unread bytes wait, as the kernel decides on close).
+            return Step::Done(FlowEnd::IdleTimeout);
+        }
         for d in 0..2 {
             if let Err((failed, err)) = self.pump(d, cx) {
                 return self.reset(failed, &err);

@@ -181,11 +181,13 @@ pub enum FlowEnd {
     BackendError,
     /// The daemon stopped before the flow ended; both sides were reset.
     Shutdown,
+    /// No byte moved either way for the flow's idle timeout; both sides were closed.
+    IdleTimeout,
 }
 
 impl FlowEnd {
     /// Every end, in declaration order (`end as usize` indexes it).
-    pub const ALL: [FlowEnd; 8] = [
+    pub const ALL: [FlowEnd; 9] = [
         Self::Closed,
         Self::ClientReset,
         Self::BackendReset,
@@ -194,6 +196,7 @@ impl FlowEnd {
         Self::ClientError,
         Self::BackendError,
         Self::Shutdown,
+        Self::IdleTimeout,
     ];
 
     /// Stable lower-case name.
@@ -207,6 +210,7 @@ impl FlowEnd {
             Self::ClientError => "client_error",
             Self::BackendError => "backend_error",
             Self::Shutdown => "shutdown",
+            Self::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -267,6 +271,18 @@ pub struct Preamble {
     pub client_consumed: u64,
     /// Bytes read from the backend socket.
     pub backend_consumed: u64,
+}
+
+/// How one flow is handed to [`Engine::splice`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowOptions {
+    /// What userspace consumed before the hand-off.
+    pub preamble: Preamble,
+    /// An opaque label (e.g. the ingress) under which [`Engine::usage`] sums the flow's bytes;
+    /// keep tags small and dense, the engine keeps one entry per value up to the largest seen.
+    pub tag: u32,
+    /// Close both sides once no byte has moved either way for this long; `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Called once with the outcome when a flow ends.
@@ -388,6 +404,7 @@ struct NewFlow {
     backend: OwnedFd,
     kernel: Option<ebpf::KernelFlow>,
     preamble: Preamble,
+    idle_timeout: Option<Duration>,
     on_end: Option<OnEnd>,
 }
 
@@ -510,18 +527,20 @@ impl Engine {
     }
 
     /// Hands an established client/backend pair to the engine; returns the flow ID.
-    /// `tag` is an opaque label (e.g. the ingress) under which [`Engine::usage`] sums the
-    /// flow's bytes; keep tags small and dense, the engine keeps one entry per value up to the
-    /// largest seen. `on_end` is called once with the outcome. The sockets must not have been
-    /// partly read: only whole messages accounted for in `preamble` may have been consumed.
+    /// `on_end` is called once with the outcome. The sockets must not have been partly read:
+    /// only whole messages accounted for in `options.preamble` may have been consumed.
     pub fn splice(
         &self,
         client: OwnedFd,
         backend: OwnedFd,
-        preamble: Preamble,
-        tag: u32,
+        options: FlowOptions,
         on_end: Option<OnEnd>,
     ) -> Result<u64, SpliceError> {
+        let FlowOptions {
+            preamble,
+            tag,
+            idle_timeout,
+        } = options;
         let inner = &*self.inner;
         let id = self.next_flow_id();
         if let Some(liveness) = &inner.config.liveness {
@@ -561,6 +580,7 @@ impl Engine {
             backend,
             kernel,
             preamble,
+            idle_timeout,
             on_end,
         });
         match inner

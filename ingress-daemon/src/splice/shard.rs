@@ -178,6 +178,7 @@ impl Shard {
             backend,
             kernel,
             preamble,
+            idle_timeout,
             on_end,
         } = new;
         let slot = match self.free.pop() {
@@ -202,6 +203,7 @@ impl Shard {
             kernel,
             [preamble.client_consumed, preamble.backend_consumed],
             on_end,
+            idle_timeout,
         );
         for side in 0..2 {
             let fd = flow.socks[side].as_fd();
@@ -237,7 +239,7 @@ impl Shard {
             on_end,
             ..
         } = new;
-        let mut flow = Flow::new(id, tag, [client, backend], kernel, [0, 0], on_end);
+        let mut flow = Flow::new(id, tag, [client, backend], kernel, [0, 0], on_end, None);
         flow.abort();
         self.stats.flow_started(flow.path());
         self.finish(flow, FlowEnd::Shutdown);
@@ -312,6 +314,9 @@ impl Shard {
                     flow.backoff = flow.backoff.saturating_add(1);
                     self.timers
                         .push(Reverse((Instant::now() + delay, slot, generation)));
+                }
+                if let Some(at) = flow.idle_timer() {
+                    self.timers.push(Reverse((at, slot, generation)));
                 }
             }
             Step::Done(end) => {

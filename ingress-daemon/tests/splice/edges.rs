@@ -6,9 +6,9 @@ use std::{
     time::Duration,
 };
 
-use ingress_daemon::splice::{Engine, FlowEnd, Offload};
+use ingress_daemon::splice::{Engine, FlowEnd, FlowOptions, Offload};
 
-use crate::support::{Pattern, drain, engine, outcome, scaled_bytes, spliced};
+use crate::support::{Pattern, drain, engine, outcome, scaled_bytes, spliced, spliced_with};
 
 fn modes() -> Vec<Offload> {
     vec![Offload::Required, Offload::Off]
@@ -181,6 +181,69 @@ async fn shutdown_resets_live_flows_and_empties_the_maps() {
             .unwrap();
             assert_eq!(engine.map_occupancy().unwrap_or((0, 0)), (0, 0));
             assert_eq!(engine.kernel_dirs_in_use().unwrap_or(0), 0);
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_a_silent_flow_and_spares_a_busy_one() {
+    for_each_mode(|engine| {
+        tokio::spawn(async move {
+            let timeout = Duration::from_millis(400);
+            let options = FlowOptions {
+                idle_timeout: Some(timeout),
+                ..FlowOptions::default()
+            };
+            let idle = spliced_with(&engine, options, |_, _| {});
+            let busy = spliced_with(&engine, options, |_, _| {});
+            let (mut ic, mut is) = (idle.client, idle.server);
+            let (mut bc, mut bs) = (busy.client, busy.server);
+            let talk = tokio::task::spawn_blocking(move || {
+                for s in [&ic, &is, &bc, &bs] {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                }
+                let mut one = [0u8; 1];
+                ic.write_all(b"i").unwrap();
+                is.read_exact(&mut one).unwrap();
+                // The busy flow trades a byte each way every 100 ms for three timeouts.
+                for _ in 0..12 {
+                    bc.write_all(b"p").unwrap();
+                    bs.read_exact(&mut one).unwrap();
+                    bs.write_all(b"q").unwrap();
+                    bc.read_exact(&mut one).unwrap();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                // By now the silent flow is closed: both ends see end of stream.
+                assert_eq!(ic.read(&mut one).unwrap(), 0, "client sees the close");
+                assert_eq!(is.read(&mut one).unwrap(), 0, "server sees the close");
+                // The busy one still carries bytes, then ends normally.
+                bc.write_all(b"!").unwrap();
+                bs.read_exact(&mut one).unwrap();
+                assert_eq!(&one, b"!");
+                bc.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(bs.read(&mut one).unwrap(), 0);
+                bs.shutdown(Shutdown::Write).unwrap();
+                assert_eq!(bc.read(&mut one).unwrap(), 0);
+            });
+            let idle_end = outcome(idle.done).await;
+            assert_eq!(idle_end.end, FlowEnd::IdleTimeout);
+            assert!(
+                idle_end.duration >= timeout,
+                "closed after {:?}, before its {timeout:?} timeout",
+                idle_end.duration
+            );
+            assert!(
+                idle_end.duration < Duration::from_millis(1200),
+                "closed after {:?}",
+                idle_end.duration
+            );
+            assert_eq!(idle_end.client_to_backend.total(), 1);
+            talk.await.unwrap();
+            let busy_end = outcome(busy.done).await;
+            assert_eq!(busy_end.end, FlowEnd::Closed);
+            assert_eq!(busy_end.client_to_backend.total(), 13);
+            assert_eq!(busy_end.backend_to_client.total(), 12);
         })
     })
     .await;

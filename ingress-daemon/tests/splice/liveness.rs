@@ -9,7 +9,7 @@ use std::{
 };
 
 use ingress_daemon::{
-    splice::{FlowEnd, Offload, Preamble},
+    splice::{FlowEnd, FlowOptions, Offload},
     sys::Liveness,
 };
 
@@ -142,8 +142,7 @@ async fn dead_backend(n: u8, send_while_dead: bool) {
         .splice(
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
-            Preamble::default(),
-            0,
+            FlowOptions::default(),
             Some(Box::new(move |o| {
                 let _ = tx.send(o);
             })),

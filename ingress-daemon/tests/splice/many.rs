@@ -2,7 +2,7 @@
 
 use std::{net::TcpListener, os::fd::OwnedFd, time::Duration};
 
-use ingress_daemon::splice::{Engine, FlowEnd, Offload, Preamble};
+use ingress_daemon::splice::{Engine, FlowEnd, FlowOptions, Offload};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -63,8 +63,7 @@ async fn thousand_flows(engine: Engine) {
             .splice(
                 OwnedFd::from(proxy_client),
                 OwnedFd::from(proxy_backend),
-                Preamble::default(),
-                0,
+                FlowOptions::default(),
                 Some(Box::new(move |o| {
                     let _ = tx.send(o);
                 })),

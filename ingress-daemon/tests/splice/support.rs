@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ingress_daemon::splice::{Engine, EngineConfig, FlowOutcome, Offload, Preamble};
+use ingress_daemon::splice::{Engine, EngineConfig, FlowOptions, FlowOutcome, Offload};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
@@ -88,6 +88,15 @@ pub fn spliced(
     engine: &Engine,
     before_splice: impl FnOnce(&mut TcpStream, &mut TcpStream),
 ) -> Spliced {
+    spliced_with(engine, FlowOptions::default(), before_splice)
+}
+
+/// [`spliced`] with the flow's options.
+pub fn spliced_with(
+    engine: &Engine,
+    options: FlowOptions,
+    before_splice: impl FnOnce(&mut TcpStream, &mut TcpStream),
+) -> Spliced {
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let back = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
@@ -100,8 +109,7 @@ pub fn spliced(
         .splice(
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
-            Preamble::default(),
-            0,
+            options,
             Some(Box::new(move |outcome| {
                 let _ = tx.send(outcome);
             })),
