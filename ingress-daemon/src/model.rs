@@ -127,6 +127,11 @@ pub struct IngressSpec {
     /// Target for connections no rule matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_target: Option<DefaultTarget>,
+    /// Seconds a flow may move no byte in either direction before both sides are closed
+    /// (1 to 604800); absent: no idle timeout (spliced flows rely on TCP keepalive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 604800)]
+    pub idle_timeout_secs: Option<u32>,
 }
 
 /// A stored TCP ingress as the API returns it.
@@ -144,6 +149,9 @@ pub struct TcpIngress {
     /// Target for connections no rule matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_target: Option<DefaultTarget>,
+    /// Seconds a flow may stay idle before it is closed; absent: no idle timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u32>,
     /// Creation time, RFC 3339.
     #[schema(format = DateTime)]
     pub created_at: String,
@@ -157,6 +165,7 @@ impl TcpIngress {
             listen_port: self.listen_port,
             rules: self.rules.clone(),
             default_target: self.default_target.clone(),
+            idle_timeout_secs: self.idle_timeout_secs,
         }
     }
 }
@@ -293,6 +302,9 @@ fn validate_port(field: &str, port: u16) -> Result<(), ApiError> {
     }
 }
 
+/// The longest idle timeout an ingress may set (a week).
+pub const MAX_IDLE_TIMEOUT_SECS: u32 = 604_800;
+
 /// A rule after structural validation: pattern and template compiled.
 #[derive(Debug, Clone)]
 pub struct CheckedRule {
@@ -346,6 +358,13 @@ impl IngressSpec {
             validate_name("default_target.instance", &def.instance)?;
             validate_port("default_target.port", def.port)?;
         }
+        if let Some(secs) = self.idle_timeout_secs
+            && !(1..=MAX_IDLE_TIMEOUT_SECS).contains(&secs)
+        {
+            return Err(ApiError::bad_request(format!(
+                "idle_timeout_secs: must be 1-{MAX_IDLE_TIMEOUT_SECS}"
+            )));
+        }
         Ok(checked)
     }
 }
@@ -375,6 +394,30 @@ mod tests {
         assert_eq!(s.rules[0].protocol, Protocol::Tls);
         assert_eq!(s.rules[0].match_.sni, "db.example.com");
         assert_eq!(s.rules[0].target.instance, "db");
+    }
+
+    #[test]
+    fn idle_timeout_is_bounded() {
+        let with = |secs: serde_json::Value| {
+            let mut s = spec(serde_json::json!({
+                "name": "pg", "listen_port": 5432, "rules": [rule("a.b", "c")],
+                "idle_timeout_secs": secs,
+            }))
+            .unwrap();
+            s.validate().map(|_| s.idle_timeout_secs)
+        };
+        assert_eq!(with(1.into()).ok(), Some(Some(1)));
+        assert_eq!(with(604_800.into()).ok(), Some(Some(604_800)));
+        for bad in [0, 604_801] {
+            let e = with(bad.into()).unwrap_err();
+            assert!(e.message.starts_with("idle_timeout_secs:"), "{}", e.message);
+        }
+        assert!(
+            spec(serde_json::json!({"name": "a", "listen_port": 1, "idle_timeout_secs": -1}))
+                .is_err()
+        );
+        let none = check(vec![rule("a.b", "c")]).unwrap();
+        assert_eq!(none.idle_timeout_secs, None);
     }
 
     #[test]

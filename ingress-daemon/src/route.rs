@@ -90,6 +90,7 @@ pub struct RouteTable {
     /// Indexed by label count; shapes ordered by literal labels, most first.
     shapes_by_len: Vec<Vec<Shape>>,
     default: Option<DefaultEntry>,
+    idle_timeout: Option<std::time::Duration>,
 }
 
 fn literal_hash<'s>(labels: impl Iterator<Item = &'s str>) -> u64 {
@@ -140,6 +141,9 @@ impl RouteTable {
             protocol: d.protocol,
             proxy_protocol: d.proxy_protocol,
         });
+        table.idle_timeout = spec
+            .idle_timeout_secs
+            .map(|s| std::time::Duration::from_secs(u64::from(s)));
         Ok(table)
     }
 
@@ -173,6 +177,11 @@ impl RouteTable {
             }
         };
         shape.by_literals.entry(key).or_default().push(idx);
+    }
+
+    /// How long a flow of this ingress may stay idle; `None`: no limit.
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        self.idle_timeout
     }
 
     /// Whether any rule (or the default target) speaks Postgres, so a connection may open with

@@ -126,6 +126,7 @@ impl ControlPlane {
             listen_port: spec.listen_port,
             rules: spec.rules.clone(),
             default_target: spec.default_target.clone(),
+            idle_timeout_secs: spec.idle_timeout_secs,
             created_at: String::new(),
         };
         RouteTable::build(&probe)
@@ -165,6 +166,7 @@ impl ControlPlane {
             listen_port: spec.listen_port,
             rules: spec.rules,
             default_target: spec.default_target,
+            idle_timeout_secs: spec.idle_timeout_secs,
             created_at: now_rfc3339(),
         };
         self.store
@@ -235,6 +237,7 @@ impl ControlPlane {
             listen_port: spec.listen_port,
             rules: spec.rules,
             default_target: spec.default_target,
+            idle_timeout_secs: spec.idle_timeout_secs,
             created_at: old.created_at.clone(),
         };
         self.store

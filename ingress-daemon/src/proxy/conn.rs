@@ -19,7 +19,7 @@ use crate::{
     model::{Mode, Protocol, ProxyProtocol},
     postgres::{self, ClientPreamble},
     proxy_protocol,
-    splice::{self, Preamble},
+    splice::{self, FlowOptions, Preamble},
 };
 
 /// What the data path knows about a connection, filled in as it learns it; becomes the access
@@ -238,15 +238,15 @@ async fn route_and_hand_off(
             }
             conn.counters.connect.observe(conn.hello_at.elapsed());
             drop(permit);
-            splice_flow(
-                dp,
-                client,
-                backend,
-                pg_request,
-                backend_consumed,
-                conn.take(),
-                slot,
-            )
+            let options = FlowOptions {
+                preamble: Preamble {
+                    client_consumed: if pg_request { 8 } else { 0 },
+                    backend_consumed,
+                },
+                tag: conn.counters.tag(),
+                idle_timeout: table.idle_timeout(),
+            };
+            splice_flow(dp, client, backend, options, conn.take(), slot)
         }
         Mode::Terminate => {
             drop(route);
@@ -260,6 +260,7 @@ async fn route_and_hand_off(
                     deadline,
                     slot,
                     permit,
+                    idle_timeout: table.idle_timeout(),
                 },
                 conn,
             )
@@ -303,18 +304,13 @@ fn splice_flow(
     dp: &DataPlane,
     client: TcpStream,
     backend: TcpStream,
-    pg_request: bool,
-    backend_consumed: u64,
+    options: FlowOptions,
     flow: Conn,
     slot: FlowSlot,
 ) -> Result<(), Refusal> {
     let internal = |e: std::io::Error| Refusal::new(Reason::Internal, e);
     let client = splice::into_owned_fd(client).map_err(internal)?;
     let backend = splice::into_owned_fd(backend).map_err(internal)?;
-    let preamble = Preamble {
-        client_consumed: if pg_request { 8 } else { 0 },
-        backend_consumed,
-    };
     let counters = flow.counters.clone();
     let on_end: splice::OnEnd = Box::new(move |outcome| {
         let path = FlowPath::from(outcome.path);
@@ -339,7 +335,7 @@ fn splice_flow(
     });
     let engine = &dp.inner.engine;
     let path = FlowPath::from(engine.path());
-    match engine.splice(client, backend, preamble, counters.tag(), Some(on_end)) {
+    match engine.splice(client, backend, options, Some(on_end)) {
         Ok(_) => {
             counters.on_flow_start(Mode::Passthrough, path);
             Ok(())

@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use rustls::ServerConfig;
@@ -70,6 +70,7 @@ pub(super) struct Terminated {
     pub(super) deadline: Instant,
     pub(super) slot: FlowSlot,
     pub(super) permit: OwnedSemaphorePermit,
+    pub(super) idle_timeout: Option<Duration>,
 }
 
 /// Handshakes with the client and connects the backend at once, then relays until both
@@ -83,6 +84,7 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
         deadline,
         slot,
         permit,
+        idle_timeout,
     } = t;
     let config = if postgres {
         dp.inner.tls.postgres.clone()
@@ -134,7 +136,7 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
         live: &live,
         counters: &counters,
     };
-    let end = relay(tls, backend, &sides).await;
+    let end = relay(tls, backend, &sides, idle_timeout).await;
     let [up, down] = live.flow.bytes();
     drop(live);
     let took = started.elapsed();
@@ -179,8 +181,15 @@ impl Sides<'_> {
     }
 }
 
-/// Copies both directions (counting as it goes); returns how the flow ended.
-async fn relay<C>(client: C, backend: TcpStream, sides: &Sides<'_>) -> FlowEnd
+/// Copies both directions (counting as it goes); returns how the flow ended. With an idle
+/// timeout, the byte total is sampled every quarter of it; once it has not changed for the
+/// whole timeout, both sides are closed.
+async fn relay<C>(
+    client: C,
+    backend: TcpStream,
+    sides: &Sides<'_>,
+    idle_timeout: Option<Duration>,
+) -> FlowEnd
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
@@ -190,8 +199,23 @@ where
     let down = copy(&mut backend_r, &mut client_w, |n| sides.count(1, n));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (None, None);
+    let period = idle_timeout.map_or(Duration::from_secs(3600), |t| {
+        (t / 4).max(Duration::from_millis(50))
+    });
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let total = || sides.live.flow.bytes().iter().sum::<u64>();
+    let (mut seen, mut since) = (total(), Instant::now());
     while up_done.is_none() || down_done.is_none() {
         tokio::select! {
+            _ = ticker.tick(), if idle_timeout.is_some() => {
+                let now_total = total();
+                if now_total != seen {
+                    (seen, since) = (now_total, Instant::now());
+                } else if idle_timeout.is_some_and(|t| since.elapsed() >= t) {
+                    return FlowEnd::IdleTimeout;
+                }
+            }
             r = &mut up, if up_done.is_none() => {
                 if let Err(e) = r {
                     // Whose fault: a read error is the client's, a write error the backend's.

@@ -252,7 +252,7 @@ fn request_shape_errors() {
         &r,
         400,
         "bad_request",
-        "colour: unknown field `colour`, expected one of `name`, `listen_port`, `rules`, `default_target` at line 1 column 9",
+        "colour: unknown field `colour`, expected one of `name`, `listen_port`, `rules`, `default_target`, `idle_timeout_secs` at line 1 column 9",
     );
     let r = s.req("POST", "/tcp-ingresses", Some(json!({"name": "a", "listen_port": 1, "rules": [{"match": {"sni": "a.b"}, "target": {"instance": "c", "port": 1}, "mode": "tunnel"}]})));
     assert_error(

@@ -1,7 +1,11 @@
 //! Routing by SNI with real clients: `curl` and `openssl s_client` through passthrough and
 //! terminate rules to servers on loopback addresses.
 
-use std::{net::SocketAddr, process::Command};
+use std::{
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use ingress_tests::{
     pki::Pki,
@@ -119,4 +123,99 @@ fn terminate_rule_serves_a_plaintext_backend_to_curl() {
     );
     let page = curl(ingress.addr(), "web1.example.test", &ca);
     assert_eq!(page, "hello from the plaintext backend");
+}
+
+/// An `openssl s_client` that completes its handshake and then sends nothing; returns how long
+/// it lived (it exits when the connection is closed), or `None` if it outlived `limit`.
+fn silent_client_lifetime(
+    ingress: SocketAddr,
+    sni: &str,
+    ca: &std::path::Path,
+    limit: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut child = Command::new(tools::find("openssl").unwrap())
+        .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(ingress.to_string())
+        .args(["-servername", sni, "-verify_hostname", sni, "-CAfile"])
+        .arg(ca)
+        // stdin stays open and silent: the connection is idle after the handshake.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lived = loop {
+        if child.try_wait().unwrap().is_some() {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    lived
+}
+
+#[test]
+fn idle_timeout_closes_silent_connections_in_both_modes() {
+    let Some(daemon) = kernel_daemon(&[]) else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let work = WorkDir::new("ingt-idle-").unwrap();
+    let pki = Pki::new().unwrap();
+    let ca = pki.write_ca(work.path()).unwrap();
+    certificate(&api, &pki, "wildcard", &["term.example.test"]);
+    // Passthrough to an openssl server, terminate to a plaintext one.
+    let ip = next_loopback();
+    let port = PortLease::new().unwrap();
+    let files = pki
+        .issue(&["pass.example.test"])
+        .unwrap()
+        .write(work.path(), "pass")
+        .unwrap();
+    let _server = OpensslServer::start_at(
+        SocketAddr::from((ip, port.port())),
+        &files,
+        &["-www"],
+        &work.join("pass.log"),
+    )
+    .unwrap();
+    let plain = http_backend(ip, "unused");
+    instance(&api, "vm", ip);
+    let listen = PortLease::new().unwrap();
+    let body = serde_json::json!({
+        "name": "idle",
+        "listen_port": listen.port(),
+        "idle_timeout_secs": 1,
+        "rules": [
+            rule("pass.example.test", "vm", port.port(), "passthrough"),
+            rule("term.example.test", "vm", plain.port(), "terminate"),
+        ],
+    });
+    let created = api.create_ingress(&body).unwrap();
+    assert_eq!(created.assert_status(201)["idle_timeout_secs"], 1);
+    let addr = SocketAddr::from(([127, 0, 0, 1], listen.port()));
+    for sni in ["pass.example.test", "term.example.test"] {
+        let lived = silent_client_lifetime(addr, sni, &ca, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{sni}: an idle connection outlived its 1 s timeout by 9 s"));
+        assert!(
+            lived >= Duration::from_secs(1),
+            "{sni}: closed after {lived:?}, before the timeout"
+        );
+    }
+    // Out-of-range timeouts are refused with the field named.
+    let mut bad = body.clone();
+    bad["name"] = serde_json::json!("idle2");
+    bad["idle_timeout_secs"] = serde_json::json!(0);
+    let refused = api.create_ingress(&bad).unwrap();
+    refused.assert_status(400);
+    assert!(
+        refused.text.contains("idle_timeout_secs"),
+        "{}",
+        refused.text
+    );
 }
