@@ -120,16 +120,21 @@ enum Handback {
     /// The gate is open (or the relay has not noticed it closing).
     #[default]
     Idle,
-    /// The source's window is held closed; the window clamp to restore.
-    Holding { clamp: u32 },
+    /// The source's window is held closed; the window clamp to restore, and the reverse
+    /// direction's byte count (kernel and relay) when the hold began.
+    Holding { clamp: u32, reverse_seen: u64 },
 }
 
-/// Clamps the window of `fd` to zero; returns the clamp to restore.
-fn hold_window(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Handback> {
+/// Clamps the window of `fd` to zero; returns the clamp to restore. `reverse_seen` is the
+/// byte count of the direction that writes to `fd`, to tell later whether it moved meanwhile.
+fn hold_window(fd: std::os::fd::BorrowedFd<'_>, reverse_seen: u64) -> io::Result<Handback> {
     let clamp = sys::window_clamp(fd)?;
     // The kernel raises 1 to its minimum, below one segment: a zero window.
     sys::set_window_clamp(fd, 1)?;
-    Ok(Handback::Holding { clamp })
+    Ok(Handback::Holding {
+        clamp,
+        reverse_seen,
+    })
 }
 
 /// Result of handling an event.
@@ -292,7 +297,8 @@ impl Flow {
             && matches!(self.dirs[d].handback, Handback::Idle)
             && !self.dirs[d].fin_seen
         {
-            match hold_window(self.socks[d].as_fd()) {
+            let reverse_seen = self.moved(1 - d, cx.kernel);
+            match hold_window(self.socks[d].as_fd(), reverse_seen) {
                 Ok(held) => self.dirs[d].handback = held,
                 Err(err) => return self.reset(d, &err),
             }
@@ -423,15 +429,19 @@ impl Flow {
     fn hand_back(&mut self, d: usize, flow: &KernelFlow, path: &KernelPath) -> Result<(), Failure> {
         let (src, dst) = (d, 1 - d);
         let view = path.dir(flow.dirs[d]);
-        let fd = self.socks[src].as_fd();
-        let dir = &mut self.dirs[d];
-        match dir.handback {
+        match self.dirs[d].handback {
             Handback::Idle => {
-                if view.gated() && !dir.fin_seen {
-                    dir.handback = hold_window(fd).map_err(|e| (src, e))?;
+                if view.gated() && !self.dirs[d].fin_seen {
+                    let reverse_seen = self.moved(dst, Some(path));
+                    self.dirs[d].handback =
+                        hold_window(self.socks[src].as_fd(), reverse_seen).map_err(|e| (src, e))?;
                 }
             }
-            Handback::Holding { clamp } => {
+            Handback::Holding {
+                clamp,
+                reverse_seen,
+            } => {
+                let dir = &self.dirs[d];
                 if dir.read < view.passed() {
                     return Ok(());
                 }
@@ -441,18 +451,54 @@ impl Flow {
                     .saturating_sub(view.acked_base());
                 let in_flight = (view.redirected() + dir.relayed).saturating_sub(delivered);
                 if in_flight <= view.low_water() || dir.fin_seen {
+                    let fd = self.socks[src].as_fd();
                     sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
-                    // Tell the sender at once (it would wait for its persist timer).
-                    if sys::send_window_probe(fd).is_err() {
+                    // The sender must hear that the window opened, or it waits for its persist
+                    // timer (200 ms or more). Bytes this socket sends carry the news; when the
+                    // reverse direction is quiet, a window probe does.
+                    let probed = self.reverse_quiet(d, flow, path, reverse_seen)?
+                        && sys::send_window_probe(fd).is_ok();
+                    if !probed {
                         sys::quickack(fd).map_err(|e| (src, e))?;
                     }
-                    dir.handback = Handback::Idle;
+                    self.dirs[d].handback = Handback::Idle;
                     // Events so far are dealt with: the program may report the next one.
                     view.set_congestion_handled(view.congestion_events());
                 }
             }
         }
         Ok(())
+    }
+
+    /// Bytes direction `d` has moved (kernel and relay).
+    fn moved(&self, d: usize, kernel: Option<&KernelPath>) -> u64 {
+        let b = self.bytes(kernel)[d];
+        b.kernel + b.relayed
+    }
+
+    /// Whether nothing can be sending on the source socket of direction `d` right now, so the
+    /// window probe may toggle `TCP_REPAIR` on it: a send in repair mode fails (`EINVAL`), and
+    /// when the kernel's own redirect hits that, it reports an error on the socket and the
+    /// flow is lost. Quiet means the reverse direction (which writes to this socket) moved no
+    /// byte since the hold began, the relay holds none for it, and everything it redirected is
+    /// already in the socket's send queue. Bytes that start moving after this check race the
+    /// probe; their window of a few microseconds is the residual risk.
+    fn reverse_quiet(
+        &self,
+        d: usize,
+        flow: &KernelFlow,
+        path: &KernelPath,
+        reverse_seen: u64,
+    ) -> Result<bool, Failure> {
+        let r = 1 - d;
+        if self.moved(r, Some(path)) != reverse_seen || self.dirs[r].buf.is_some() {
+            return Ok(false);
+        }
+        let rv = path.dir(flow.dirs[r]);
+        let covered = write_seq(&self.socks[d])
+            .map_err(|e| (d, e))?
+            .saturating_sub(rv.acked_base());
+        Ok(covered >= rv.redirected() + self.dirs[r].relayed)
     }
 
     /// Propagates the FIN of direction `d` once it is safe; returns whether it must be polled.
