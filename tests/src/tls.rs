@@ -213,6 +213,10 @@ impl OpensslServer {
             .arg("-key")
             .arg(&cert.key)
             .args(args);
+        // `-WWW` serves files relative to the working directory: the log's directory.
+        if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
+            cmd.current_dir(dir);
+        }
         let mut guard = ChildGuard::spawn("openssl s_server", &mut cmd, Some(log))?;
         let prefix = format!(
             "ACCEPT {}",
