@@ -6,6 +6,17 @@
 //! `write` per batch, flushed whenever the channel runs dry, so a line is never split and an
 //! idle daemon has written everything. With `access_log = "off"` there is no channel, no thread
 //! and the data path builds no record.
+//!
+//! Cost: a record carries no heap allocation (see [`LogText`]) and moves through the channel by
+//! value; the writer formats it by hand ([`json`]). Measured with callgrind in the README's
+//! "Cost" section.
+//!
+//! # Layout
+//! - `text`: [`LogText`], the record's texts, shared or copied in place.
+//! - `json`: the JSON value writers and the once-per-second date cache.
+
+mod json;
+mod text;
 
 use std::{
     io::Write,
@@ -16,6 +27,8 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
+
+pub use text::LogText;
 
 use crate::{config, metrics::Metrics};
 
@@ -74,15 +87,15 @@ pub struct Record {
     /// The ingress name.
     pub ingress: Arc<str>,
     /// The matched rule's SNI pattern (`default` for the default target).
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     /// The client's address.
     pub client: SocketAddr,
     /// The server name of the ClientHello.
-    pub sni: Option<String>,
+    pub sni: Option<LogText>,
     /// ALPN: negotiated (terminate) or the client's first offer (passthrough).
-    pub alpn: Option<String>,
+    pub alpn: Option<LogText>,
     /// The target instance.
-    pub instance: Option<String>,
+    pub instance: Option<LogText>,
     /// The backend address.
     pub backend: Option<SocketAddr>,
     /// `passthrough` or `terminate`.
@@ -97,11 +110,17 @@ impl Record {
     /// Appends the record as one JSON line (with its newline) to `out`.
     ///
     /// Written by hand rather than through `serde_json`: the keys are fixed and the values
-    /// mostly plain, and this is the access log's whole cost (a third of what `serde_json` took
-    /// per line, measured with callgrind).
+    /// mostly plain, and this is most of the access log's cost (a third of what `serde_json`
+    /// took per line, measured with callgrind).
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        self.write_line(out, &mut json::Dates::default());
+    }
+
+    fn write_line(&self, out: &mut Vec<u8>, dates: &mut json::Dates) {
+        // Typical lines are ~400 bytes: one capacity check instead of growth checks that fail.
+        out.reserve(512);
         out.extend_from_slice(b"{\"time\":\"");
-        json::rfc3339(out, self.time);
+        dates.rfc3339(out, self.time);
         let event: &[u8] = match self.outcome {
             Outcome::Flow { .. } => b"\",\"event\":\"flow\",\"ingress\":",
             Outcome::Refused { .. } => b"\",\"event\":\"refused\",\"ingress\":",
@@ -117,11 +136,11 @@ impl Record {
         out.extend_from_slice(b",\"client\":");
         json::addr(out, Some(self.client));
         out.extend_from_slice(b",\"sni\":");
-        json::opt_string(out, self.sni.as_deref());
+        json::opt_text(out, self.sni.as_ref());
         out.extend_from_slice(b",\"alpn\":");
-        json::opt_string(out, self.alpn.as_deref());
+        json::opt_text(out, self.alpn.as_ref());
         out.extend_from_slice(b",\"instance\":");
-        json::opt_string(out, self.instance.as_deref());
+        json::opt_text(out, self.instance.as_ref());
         out.extend_from_slice(b",\"backend\":");
         json::addr(out, self.backend);
         out.extend_from_slice(b",\"mode\":");
@@ -159,8 +178,12 @@ impl Record {
     }
 }
 
+#[expect(
+    clippy::large_enum_variant,
+    reason = "records move by value so the data path does not allocate; flushes are rare"
+)]
 enum Message {
-    Record(Box<Record>),
+    Record(Record),
     Flush(oneshot::Sender<()>),
 }
 
@@ -215,7 +238,7 @@ impl AccessLog {
     /// Queues a record without waiting; a full queue drops it (counted).
     pub fn log(&self, record: Record) {
         let Some(tx) = &self.tx else { return };
-        if tx.try_send(Message::Record(Box::new(record))).is_err() {
+        if tx.try_send(Message::Record(record)).is_err() {
             self.metrics
                 .access_log
                 .dropped
@@ -236,140 +259,6 @@ impl AccessLog {
     }
 }
 
-/// Minimal JSON value writers for the access log.
-mod json {
-    use std::{
-        io::Write as _,
-        net::{IpAddr, SocketAddr},
-        time::{Duration, SystemTime, UNIX_EPOCH},
-    };
-
-    /// An unsigned integer in decimal.
-    pub(super) fn uint(out: &mut Vec<u8>, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            if let Some(d) = digits.get_mut(i) {
-                *d = b'0' + (n % 10) as u8;
-            }
-            n /= 10;
-            if n == 0 || i == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(digits.get(i..).unwrap_or_default());
-    }
-
-    /// `width` decimal digits of `n`, zero-padded.
-    fn padded(out: &mut Vec<u8>, n: u64, width: u32) {
-        let mut div = 10u64.pow(width.saturating_sub(1));
-        while div > 0 {
-            out.push(b'0' + ((n / div) % 10) as u8);
-            div /= 10;
-        }
-    }
-
-    /// A quoted string, escaped where JSON requires it.
-    pub(super) fn string(out: &mut Vec<u8>, s: &str) {
-        out.push(b'"');
-        let bytes = s.as_bytes();
-        if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
-            out.extend_from_slice(bytes);
-        } else {
-            for &b in bytes {
-                match b {
-                    b'"' => out.extend_from_slice(b"\\\""),
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    b'\n' => out.extend_from_slice(b"\\n"),
-                    b'\r' => out.extend_from_slice(b"\\r"),
-                    b'\t' => out.extend_from_slice(b"\\t"),
-                    0..0x20 => {
-                        out.extend_from_slice(b"\\u00");
-                        let hex = b"0123456789abcdef";
-                        out.push(hex[usize::from(b >> 4)]);
-                        out.push(hex[usize::from(b & 0xf)]);
-                    }
-                    _ => out.push(b),
-                }
-            }
-        }
-        out.push(b'"');
-    }
-
-    /// A quoted string or `null`.
-    pub(super) fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
-        match s {
-            Some(s) => string(out, s),
-            None => out.extend_from_slice(b"null"),
-        }
-    }
-
-    /// A quoted socket address (`1.2.3.4:5`, `[::1]:5`) or `null`.
-    pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
-        let Some(addr) = addr else {
-            out.extend_from_slice(b"null");
-            return;
-        };
-        out.push(b'"');
-        match addr.ip() {
-            IpAddr::V4(ip) => {
-                for (i, octet) in ip.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'.');
-                    }
-                    uint(out, u64::from(octet));
-                }
-                out.push(b':');
-                uint(out, u64::from(addr.port()));
-            }
-            IpAddr::V6(_) => {
-                let _ = write!(out, "{addr}");
-            }
-        }
-        out.push(b'"');
-    }
-
-    /// Milliseconds with microsecond precision (`12.345`).
-    pub(super) fn millis(out: &mut Vec<u8>, d: Duration) {
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        uint(out, micros / 1000);
-        out.push(b'.');
-        padded(out, micros % 1000, 3);
-    }
-
-    /// RFC 3339 UTC with microseconds (`2026-01-02T03:04:05.678901Z`), without the quotes.
-    pub(super) fn rfc3339(out: &mut Vec<u8>, t: SystemTime) {
-        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs();
-        let (days, rem) = (secs / 86_400, secs % 86_400);
-        // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-        let z = days + 719_468;
-        let era = z / 146_097;
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + u64::from(month <= 2);
-        padded(out, year, 4);
-        out.push(b'-');
-        padded(out, month, 2);
-        out.push(b'-');
-        padded(out, day, 2);
-        out.push(b'T');
-        padded(out, rem / 3600, 2);
-        out.push(b':');
-        padded(out, rem % 3600 / 60, 2);
-        out.push(b':');
-        padded(out, rem % 60, 2);
-        out.push(b'.');
-        padded(out, u64::from(since.subsec_micros()), 6);
-        out.push(b'Z');
-    }
-}
-
 fn open(path: &Path) -> Result<std::fs::File, AccessLogError> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -384,6 +273,7 @@ fn open(path: &Path) -> Result<std::fs::File, AccessLogError> {
 fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Box<dyn Write + Send>, metrics: &Metrics) {
     let counters = &metrics.access_log;
     let mut buf = Vec::with_capacity(64 << 10);
+    let mut dates = json::Dates::default();
     let mut flushes = Vec::new();
     let mut failed_before = false;
     let mut open = true;
@@ -394,8 +284,9 @@ fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Box<dyn Write + Send>, 
         let mut lines = 0u64;
         loop {
             match rx.try_recv() {
-                Ok(Message::Record(record)) => {
-                    record.write_json(&mut buf);
+                // By reference: a record is a few hundred bytes, each move a `memcpy`.
+                Ok(Message::Record(ref record)) => {
+                    record.write_line(&mut buf, &mut dates);
                     lines += 1;
                 }
                 Ok(Message::Flush(done)) => flushes.push(done),
@@ -467,7 +358,7 @@ mod tests {
             ingress: Arc::from("db"),
             rule: None,
             client: "127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()),
-            sni: Some("x.example.com".to_owned()),
+            sni: Some("x.example.com".into()),
             alpn: None,
             instance: None,
             backend: None,
@@ -493,11 +384,11 @@ mod tests {
         let record = Record {
             time: SystemTime::UNIX_EPOCH + Duration::new(951_782_400, 123_456_789),
             ingress: Arc::from("db"),
-            rule: Some("{name}.example.com".to_owned()),
+            rule: Some(Arc::from("{name}.example.com")),
             client: "[::1]:5000".parse().unwrap_or_else(|_| unreachable!()),
-            sni: Some("a.example.com".to_owned()),
-            alpn: Some("we\"ird\\\u{1}é".to_owned()),
-            instance: Some("a".to_owned()),
+            sni: Some("a.example.com".into()),
+            alpn: Some(LogText::copy(b"we\"ird\\\x01\xc3\xa9\xff")),
+            instance: Some("a".into()),
             backend: Some("10.0.0.7:5432".parse().unwrap_or_else(|_| unreachable!())),
             mode: Some("passthrough"),
             duration: Duration::from_nanos(12_345_678_901),
@@ -518,7 +409,7 @@ mod tests {
             serde_json::json!({
                 "time": "2000-02-29T00:00:00.123456Z", "event": "flow", "ingress": "db",
                 "flow_id": 42, "rule": "{name}.example.com", "client": "[::1]:5000",
-                "sni": "a.example.com", "alpn": "we\"ird\\\u{1}é", "instance": "a",
+                "sni": "a.example.com", "alpn": "we\"ird\\\u{1}é\u{fffd}", "instance": "a",
                 "backend": "10.0.0.7:5432", "mode": "passthrough", "path": "sockmap",
                 "client_to_backend_bytes": 0, "backend_to_client_bytes": u64::MAX,
                 "relayed_bytes": 7, "duration_ms": 12345.678, "end": "client_reset"
@@ -538,7 +429,7 @@ mod tests {
         ] {
             let t = SystemTime::UNIX_EPOCH + Duration::new(secs, 5_000);
             let mut ours = Vec::new();
-            json::rfc3339(&mut ours, t);
+            json::Dates::default().rfc3339(&mut ours, t);
             let theirs = time::OffsetDateTime::from(t)
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default();
