@@ -188,24 +188,27 @@ pub(super) fn opt_name(out: &mut Vec<u8>, s: Option<&'static str>) {
     }
 }
 
-/// Writes `o` at `buf[at..]`; returns the position after it.
-fn octet(buf: &mut [u8; 21], at: usize, o: u8) -> usize {
-    let mut at = at;
-    let mut put = |b: u8| {
-        if let Some(slot) = buf.get_mut(at) {
-            *slot = b;
-        }
-        at += 1;
-    };
-    if o >= 100 {
-        put(b'0' + o / 100);
+/// Each byte value in decimal: the number of digits, then the digits.
+const OCTETS: [[u8; 4]; 256] = {
+    let mut table = [[0u8; 4]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let (h, t, o) = (
+            b'0' + (i / 100) as u8,
+            b'0' + (i / 10 % 10) as u8,
+            b'0' + (i % 10) as u8,
+        );
+        table[i] = if i >= 100 {
+            [3, h, t, o]
+        } else if i >= 10 {
+            [2, t, o, 0]
+        } else {
+            [1, o, 0, 0]
+        };
+        i += 1;
     }
-    if o >= 10 {
-        put(b'0' + o / 10 % 10);
-    }
-    put(b'0' + o % 10);
-    at
-}
+    table
+};
 
 /// A quoted socket address (`1.2.3.4:5`, `[::1]:5`) or `null`.
 pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
@@ -216,16 +219,26 @@ pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
     out.push(b'"');
     match addr.ip() {
         IpAddr::V4(ip) => {
-            // Built on the stack and copied once (`255.255.255.255:` is 16 bytes).
-            let mut buf = [b'.'; 21];
+            // Built on the stack and copied once: each octet writes three bytes and advances
+            // by its digits and a dot (`255.255.255.255.` is 16 bytes).
+            let mut buf = [0u8; 20];
             let mut at = 0;
-            for (i, o) in ip.octets().into_iter().enumerate() {
-                at = octet(&mut buf, at + usize::from(i > 0), o);
+            for o in ip.octets() {
+                let [len, digits @ ..] = OCTETS[usize::from(o)];
+                if let Some(dst) = buf.get_mut(at..at + 3) {
+                    dst.copy_from_slice(&digits);
+                }
+                at += usize::from(len);
+                if let Some(dot) = buf.get_mut(at) {
+                    *dot = b'.';
+                }
+                at += 1;
             }
-            if let Some(colon) = buf.get_mut(at) {
+            // The last dot becomes the colon.
+            if let Some(colon) = buf.get_mut(at - 1) {
                 *colon = b':';
             }
-            out.extend_from_slice(buf.get(..=at).unwrap_or_default());
+            out.extend_from_slice(buf.get(..at).unwrap_or_default());
             uint(out, u64::from(addr.port()));
         }
         IpAddr::V6(_) => {
