@@ -8,10 +8,7 @@
 use std::{
     io::Write as _,
     net::{IpAddr, SocketAddr},
-    time::{Duration, SystemTime, UNIX_EPOCH},
 };
-
-use super::text::LogText;
 
 /// `00` to `99`.
 const PAIRS: [[u8; 2]; 100] = {
@@ -161,11 +158,11 @@ pub(super) fn string(out: &mut Vec<u8>, s: &str) {
     text(out, s.as_bytes());
 }
 
-/// A quoted text or `null`.
+/// A quoted text (see [`text`]) or `null`.
 #[inline(always)]
-pub(super) fn opt_text(out: &mut Vec<u8>, t: Option<&LogText>) {
+pub(super) fn opt_text(out: &mut Vec<u8>, t: Option<&[u8]>) {
     match t {
-        Some(t) => text(out, t.as_bytes()),
+        Some(t) => text(out, t),
         None => out.extend_from_slice(b"null"),
     }
 }
@@ -250,8 +247,7 @@ pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
 
 /// Milliseconds with microsecond precision (`12.345`).
 #[inline(always)]
-pub(super) fn millis(out: &mut Vec<u8>, d: Duration) {
-    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+pub(super) fn millis(out: &mut Vec<u8>, micros: u64) {
     uint(out, micros / 1000);
     let frac = micros % 1000;
     out.push(b'.');
@@ -268,16 +264,15 @@ pub(super) struct Dates {
 }
 
 impl Dates {
-    /// Writes `t`, without quotes.
-    pub(super) fn rfc3339(&mut self, out: &mut Vec<u8>, t: SystemTime) {
-        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = since.as_secs();
+    /// Writes the time `unix_micros` microseconds after the epoch, without quotes.
+    pub(super) fn rfc3339(&mut self, out: &mut Vec<u8>, unix_micros: u64) {
+        let secs = unix_micros / 1_000_000;
         if self.second != Some(secs) {
             self.prefix = date_time(secs);
             self.second = Some(secs);
         }
         out.extend_from_slice(&self.prefix);
-        let micros = u64::from(since.subsec_micros());
+        let micros = unix_micros % 1_000_000;
         out.extend_from_slice(&pair(micros / 10_000));
         out.extend_from_slice(&pair(micros / 100));
         out.extend_from_slice(&pair(micros));
@@ -312,6 +307,8 @@ fn date_time(secs: u64) -> [u8; 20] {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
     use super::*;
 
     fn written(f: impl FnOnce(&mut Vec<u8>)) -> String {
@@ -341,9 +338,8 @@ mod tests {
         assert_eq!(written(|o| addr(o, Some(v6))), format!("\"{v6}\""));
         assert_eq!(written(|o| addr(o, None)), "null");
         for micros in [0u64, 1, 999, 1000, 1_001, 12_345_678, 999_999_999] {
-            let d = Duration::from_micros(micros);
             let expected = format!("{}.{:03}", micros / 1000, micros % 1000);
-            assert_eq!(written(|o| millis(o, d)), expected);
+            assert_eq!(written(|o| millis(o, micros)), expected);
         }
     }
 
@@ -419,7 +415,8 @@ mod tests {
                     ),
                     None => theirs.replace('Z', ".000000Z"),
                 };
-                assert_eq!(written(|o| dates.rfc3339(o, t)), theirs);
+                let micros = super::super::unix_micros(t);
+                assert_eq!(written(|o| dates.rfc3339(o, micros)), theirs);
             }
             secs = secs * 3 + 86_400 * 17 + 3_601;
         }

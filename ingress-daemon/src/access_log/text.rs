@@ -4,26 +4,31 @@
 //! field would cost an allocation there and a free here, and glibc's per-thread caches do not
 //! help a chunk freed by another thread, so each pair cost ~300 instructions (callgrind). Names
 //! from the route table are shared (`Arc<str>`, one atomic add); the others are copied into
-//! the record, and only values longer than [`INLINE_BYTES`] (rare for host names) allocate.
+//! the record, and only values longer than [`INLINE_BYTES`] (server names) or
+//! [`SHORT_INLINE_BYTES`] (ALPN, instance names rendered from a pattern) allocate.
 
 use std::{fmt, sync::Arc};
 
-/// Bytes a [`LogText`] holds in place.
+/// Bytes a [`LogText`] holds in place by default (server names).
 pub const INLINE_BYTES: usize = 46;
+
+/// Bytes held in place for short texts (ALPN protocols, instance names): a record stays within
+/// 256 bytes, the size up to which a `memcpy` needs no loop.
+pub const SHORT_INLINE_BYTES: usize = 22;
 
 /// One text of an access log record; bytes that are not UTF-8 (an ALPN protocol may be
 /// anything) are shown lossily.
 #[derive(Clone)]
-pub struct LogText(Repr);
+pub struct LogText<const N: usize = INLINE_BYTES>(Repr<N>);
 
 #[derive(Clone)]
-enum Repr {
+enum Repr<const N: usize> {
     Shared(Arc<str>),
-    Inline { len: u8, bytes: [u8; INLINE_BYTES] },
+    Inline { len: u8, bytes: [u8; N] },
     Heap(Box<[u8]>),
 }
 
-impl LogText {
+impl<const N: usize> LogText<N> {
     /// A text shared with its owner (a route table name): no copy.
     pub fn shared(name: &Arc<str>) -> Self {
         Self(Repr::Shared(name.clone()))
@@ -31,7 +36,7 @@ impl LogText {
 
     /// A copy of `bytes`, in place when it fits.
     pub fn copy(bytes: &[u8]) -> Self {
-        let mut inline = [0u8; INLINE_BYTES];
+        let mut inline = [0u8; N];
         match (inline.get_mut(..bytes.len()), u8::try_from(bytes.len())) {
             (Some(dst), Ok(len)) => {
                 dst.copy_from_slice(bytes);
@@ -51,27 +56,27 @@ impl LogText {
     }
 }
 
-impl From<Arc<str>> for LogText {
+impl<const N: usize> From<Arc<str>> for LogText<N> {
     fn from(name: Arc<str>) -> Self {
         Self(Repr::Shared(name))
     }
 }
 
-impl From<&str> for LogText {
+impl<const N: usize> From<&str> for LogText<N> {
     fn from(s: &str) -> Self {
         Self::copy(s.as_bytes())
     }
 }
 
-impl PartialEq for LogText {
+impl<const N: usize> PartialEq for LogText<N> {
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
     }
 }
 
-impl Eq for LogText {}
+impl<const N: usize> Eq for LogText<N> {}
 
-impl fmt::Debug for LogText {
+impl<const N: usize> fmt::Debug for LogText<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&String::from_utf8_lossy(self.as_bytes()), f)
     }
@@ -93,7 +98,7 @@ mod tests {
             300,
         ] {
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let text = LogText::copy(&bytes);
+            let text = LogText::<INLINE_BYTES>::copy(&bytes);
             assert_eq!(text.as_bytes(), bytes.as_slice(), "{len}");
             assert_eq!(
                 matches!(text.0, Repr::Inline { .. }),
@@ -102,7 +107,7 @@ mod tests {
             );
         }
         let name: Arc<str> = Arc::from("{id}.pg.example.com");
-        let shared = LogText::shared(&name);
+        let shared = LogText::<INLINE_BYTES>::shared(&name);
         assert_eq!(shared, LogText::from("{id}.pg.example.com"));
         assert_eq!(Arc::strong_count(&name), 2);
         assert_eq!(format!("{shared:?}"), "\"{id}.pg.example.com\"");

@@ -11,10 +11,10 @@ use tracing::{debug, warn};
 
 use super::{DataPlane, FlowSlot, Reason, Refusal, terminate};
 use crate::{
-    access_log::{LogText, Outcome, Record},
+    access_log::{self, LogText, Outcome, Record},
     connect, hello,
     listeners::IngressHandle,
-    metrics::{self, FlowPath, IngressMetrics},
+    metrics::{FlowPath, IngressMetrics},
     model::{Mode, Protocol, ProxyProtocol},
     postgres::{self, ClientPreamble},
     proxy_protocol,
@@ -82,7 +82,7 @@ impl Conn {
     /// the thread that allocated them).
     pub(super) fn record(self, duration: Duration, outcome: Outcome) -> Record {
         Record {
-            time: SystemTime::now(),
+            time_micros: access_log::unix_micros(SystemTime::now()),
             ingress: self.counters.name().clone(),
             rule: self.rule,
             client: self.client,
@@ -93,8 +93,8 @@ impl Conn {
                 InstanceName::Rendered(name) => LogText::from(name.as_str()),
             }),
             backend: self.backend,
-            mode: self.mode.map(metrics::mode_str),
-            duration,
+            mode: self.mode,
+            duration_micros: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             outcome,
         }
     }
@@ -144,7 +144,7 @@ pub(super) async fn handle(
             log.log(conn.record(
                 took,
                 Outcome::Refused {
-                    reason: refusal.reason.as_str(),
+                    reason: refusal.reason,
                 },
             ));
         }
@@ -353,11 +353,11 @@ fn splice_flow(
                 outcome.duration,
                 Outcome::Flow {
                     id: outcome.id,
-                    path: path.as_str(),
+                    path,
                     client_to_backend_bytes: up.total(),
                     backend_to_client_bytes: down.total(),
                     relayed_bytes: up.relayed + down.relayed,
-                    end: outcome.end.as_str(),
+                    end: outcome.end,
                 },
             ));
         }

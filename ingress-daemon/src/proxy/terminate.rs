@@ -149,11 +149,11 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
             took,
             Outcome::Flow {
                 id,
-                path: FlowPath::Userspace.as_str(),
+                path: FlowPath::Userspace,
                 client_to_backend_bytes: up,
                 backend_to_client_bytes: down,
                 relayed_bytes: up + down,
-                end: end.as_str(),
+                end,
             },
         ));
     }
