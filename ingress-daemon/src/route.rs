@@ -54,6 +54,11 @@ pub struct Route<'a> {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// The rule's SNI pattern (for logs), `None` for the default target.
     pub sni_pattern: Option<&'a str>,
+    /// The rule's SNI pattern, or `default` for the default target, shared with the table so
+    /// an access log record takes it without a copy.
+    pub rule_name: &'a Arc<str>,
+    /// The instance name shared with the table, when it has no capture.
+    pub shared_instance: Option<&'a Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -61,6 +66,10 @@ struct Entry {
     rule_index: usize,
     pattern: SniPattern,
     template: Template,
+    /// The pattern, shared with access log records.
+    pattern_name: Arc<str>,
+    /// The instance name when the template has no capture, shared with access log records.
+    instance_name: Option<Arc<str>>,
     port: u16,
     mode: Mode,
     protocol: Protocol,
@@ -69,7 +78,9 @@ struct Entry {
 
 #[derive(Debug)]
 struct DefaultEntry {
-    instance: Box<str>,
+    instance: Arc<str>,
+    /// `default`, shared with access log records.
+    rule_name: Arc<str>,
     port: u16,
     protocol: Protocol,
     proxy_protocol: Option<ProxyProtocol>,
@@ -124,6 +135,8 @@ impl RouteTable {
             }
             table.entries.push(Entry {
                 rule_index: i,
+                pattern_name: c.pattern.as_str().into(),
+                instance_name: c.template.literal().map(Arc::from),
                 pattern: c.pattern,
                 template: c.template,
                 port: rule.target.port,
@@ -137,6 +150,7 @@ impl RouteTable {
         }
         table.default = spec.default_target.map(|d| DefaultEntry {
             instance: d.instance.into(),
+            rule_name: Arc::from("default"),
             port: d.port,
             protocol: d.protocol,
             proxy_protocol: d.proxy_protocol,
@@ -231,6 +245,8 @@ impl RouteTable {
             protocol: d.protocol,
             proxy_protocol: d.proxy_protocol,
             sni_pattern: None,
+            rule_name: &d.rule_name,
+            shared_instance: Some(&d.instance),
         })
     }
 
@@ -269,8 +285,8 @@ impl RouteTable {
     }
 
     fn route<'a>(&'a self, e: &'a Entry, source: RouteSource, host: &str) -> Route<'a> {
-        let instance = match e.template.literal() {
-            Some(name) => Cow::Borrowed(name),
+        let instance = match &e.instance_name {
+            Some(name) => Cow::Borrowed(&**name),
             None => Cow::Owned(e.template.render(host)),
         };
         Route {
@@ -282,6 +298,8 @@ impl RouteTable {
             protocol: e.protocol,
             proxy_protocol: e.proxy_protocol,
             sni_pattern: Some(e.pattern.as_str()),
+            rule_name: &e.pattern_name,
+            shared_instance: e.instance_name.as_ref(),
         }
     }
 }
@@ -343,6 +361,22 @@ mod tests {
         assert_eq!(r.mode, Mode::Passthrough);
         let r = t.lookup(None).unwrap();
         assert_eq!(r.source, RouteSource::Default);
+    }
+
+    #[test]
+    fn log_names_are_shared_with_the_table() {
+        let t = table();
+        let exact = t.lookup(Some("db.pg.example.com")).unwrap();
+        assert_eq!(&**exact.rule_name, "db.pg.example.com");
+        assert_eq!(exact.shared_instance.map(|n| &**n), Some("primary"));
+        let again = t.lookup(Some("DB.PG.EXAMPLE.COM")).unwrap();
+        assert!(Arc::ptr_eq(exact.rule_name, again.rule_name));
+        let pattern = t.lookup(Some("db7.pg.example.com")).unwrap();
+        assert_eq!(&**pattern.rule_name, "{id}.pg.example.com");
+        assert_eq!(pattern.shared_instance, None);
+        let default = t.lookup(None).unwrap();
+        assert_eq!(&**default.rule_name, "default");
+        assert_eq!(default.shared_instance.map(|n| &**n), Some("fallback"));
     }
 
     #[test]

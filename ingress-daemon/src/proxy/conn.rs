@@ -11,11 +11,10 @@ use tracing::{debug, warn};
 
 use super::{DataPlane, FlowSlot, Reason, Refusal, terminate};
 use crate::{
-    access_log::{Outcome, Record},
-    connect,
-    hello::{self, ClientHelloInfo},
+    access_log::{self, LogText, Outcome, Record},
+    connect, hello,
     listeners::IngressHandle,
-    metrics::{self, FlowPath, IngressMetrics},
+    metrics::{FlowPath, IngressMetrics},
     model::{Mode, Protocol, ProxyProtocol},
     postgres::{self, ClientPreamble},
     proxy_protocol,
@@ -23,8 +22,11 @@ use crate::{
 };
 
 /// What the data path knows about a connection, filled in as it learns it; becomes the access
-/// log record when the flow ends or the connection is refused. The strings are only filled
-/// when the access log is on.
+/// log record when the flow ends or the connection is refused. The texts are only filled when
+/// the access log is on, and cost no allocation: the server name and ALPN offer move out of
+/// the parsed hello, the rule and instance names are the route table's. They stay small here
+/// (the connection's task moves this struct several times) and are copied into the record
+/// only at the end.
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) counters: Arc<IngressMetrics>,
@@ -33,9 +35,9 @@ pub(crate) struct Conn {
     /// When the ClientHello was complete (accept time until then).
     pub(crate) hello_at: Instant,
     pub(crate) sni: Option<String>,
-    pub(crate) alpn: Option<String>,
-    pub(crate) rule: Option<String>,
-    pub(crate) instance: Option<String>,
+    pub(crate) alpn: Option<Vec<u8>>,
+    pub(crate) rule: Option<Arc<str>>,
+    pub(crate) instance: Option<InstanceName>,
     pub(crate) backend: Option<SocketAddr>,
     pub(crate) mode: Option<Mode>,
 }
@@ -76,20 +78,42 @@ impl Conn {
         }
     }
 
-    /// The access log record.
+    /// The access log record. The server name and ALPN are copied into it (and freed here, on
+    /// the thread that allocated them).
     pub(super) fn record(self, duration: Duration, outcome: Outcome) -> Record {
         Record {
-            time: SystemTime::now(),
+            time_micros: access_log::unix_micros(SystemTime::now()),
             ingress: self.counters.name().clone(),
             rule: self.rule,
             client: self.client,
-            sni: self.sni,
-            alpn: self.alpn,
-            instance: self.instance,
+            sni: self.sni.as_deref().map(LogText::from),
+            alpn: self.alpn.as_deref().map(LogText::copy),
+            instance: self.instance.map(|name| match name {
+                InstanceName::Shared(name) => LogText::from(name),
+                InstanceName::Rendered(name) => LogText::from(name.as_str()),
+            }),
             backend: self.backend,
-            mode: self.mode.map(metrics::mode_str),
-            duration,
+            mode: self.mode,
+            duration_micros: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             outcome,
+        }
+    }
+}
+
+/// The instance name of a record-to-be.
+#[derive(Debug)]
+pub(crate) enum InstanceName {
+    /// The route table's name (a template without captures, or the default target).
+    Shared(Arc<str>),
+    /// Rendered from a pattern's captures for this connection.
+    Rendered(String),
+}
+
+impl InstanceName {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Shared(name) => name,
+            Self::Rendered(name) => name,
         }
     }
 }
@@ -120,7 +144,7 @@ pub(super) async fn handle(
             log.log(conn.record(
                 took,
                 Outcome::Refused {
-                    reason: refusal.reason.as_str(),
+                    reason: refusal.reason,
                 },
             ));
         }
@@ -168,27 +192,32 @@ async fn route_and_hand_off(
         }
     }
 
-    let hello = hello::read_client_hello(&client, settings.max_hello_bytes, deadline.into())
+    let mut hello = hello::read_client_hello(&client, settings.max_hello_bytes, deadline.into())
         .await
         .map_err(|e| refused(e.reason(), &e))?;
     conn.hello_at = Instant::now();
     conn.counters
         .hello
         .observe(conn.hello_at.saturating_duration_since(conn.accepted_at));
-    if logging {
-        conn.sni.clone_from(&hello.sni);
-        conn.alpn = first_alpn(&hello);
-    }
     let route = table
         .lookup(hello.sni.as_deref())
         .ok_or_else(|| match &hello.sni {
             None => Refusal::new(Reason::NoSni, "no server name and no default target"),
             Some(sni) => Refusal::new(Reason::UnknownSni, format_args!("no rule for {sni}")),
-        })?;
+        });
+    if logging {
+        conn.sni = hello.sni.take();
+        conn.alpn = hello.alpn.first_mut().map(std::mem::take);
+    }
+    let mut route = route?;
     conn.mode = Some(route.mode);
     if logging {
-        conn.rule = Some(route.sni_pattern.unwrap_or("default").to_owned());
-        conn.instance = Some(route.instance.clone().into_owned());
+        conn.rule = Some(route.rule_name.clone());
+        // A rendered name moves into the record-to-be; the resolver reads it from there.
+        conn.instance = Some(match route.shared_instance {
+            Some(name) => InstanceName::Shared(name.clone()),
+            None => InstanceName::Rendered(std::mem::take(&mut route.instance).into_owned()),
+        });
     }
     if pg_request && route.protocol != Protocol::Postgres {
         return Err(Refusal::new(
@@ -201,7 +230,11 @@ async fn route_and_hand_off(
         .inner
         .shared
         .resolver
-        .resolve(&route.instance)
+        .resolve(
+            conn.instance
+                .as_ref()
+                .map_or(&*route.instance, InstanceName::as_str),
+        )
         .await
         .map_err(|e| refused(e.reason(), &e))?;
     let addr = SocketAddr::new(ip, route.port);
@@ -269,13 +302,6 @@ async fn route_and_hand_off(
     }
 }
 
-fn first_alpn(hello: &ClientHelloInfo) -> Option<String> {
-    hello
-        .alpn
-        .first()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-}
-
 fn header(
     version: ProxyProtocol,
     peer: SocketAddr,
@@ -323,11 +349,11 @@ fn splice_flow(
                 outcome.duration,
                 Outcome::Flow {
                     id: outcome.id,
-                    path: path.as_str(),
+                    path,
                     client_to_backend_bytes: up.total(),
                     backend_to_client_bytes: down.total(),
                     relayed_bytes: up.relayed + down.relayed,
-                    end: outcome.end.as_str(),
+                    end: outcome.end,
                 },
             ));
         }

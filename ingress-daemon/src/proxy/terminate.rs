@@ -118,11 +118,7 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     let id = dp.inner.engine.next_flow_id();
     let mut flow = conn.take();
     if dp.inner.access_log.enabled() {
-        flow.alpn = tls
-            .get_ref()
-            .1
-            .alpn_protocol()
-            .map(|p| String::from_utf8_lossy(p).into_owned());
+        flow.alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     }
     let counters = flow.counters.clone();
     let live = dp.inner.terminated.insert(id, &flow);
@@ -155,11 +151,11 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
             took,
             Outcome::Flow {
                 id,
-                path: FlowPath::Userspace.as_str(),
+                path: FlowPath::Userspace,
                 client_to_backend_bytes: up,
                 backend_to_client_bytes: down,
                 relayed_bytes: up + down,
-                end: end.as_str(),
+                end,
             },
         ));
     }
