@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the map layouts below; bump it whenever a layout changes.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Name of the sockhash holding every spliced socket, keyed by socket cookie.
 pub const SOCKS_MAP: &str = "SOCKS";
@@ -57,9 +57,8 @@ pub struct DirState {
     /// `congestion_events` value the daemon has handled; the program sends a new event only
     /// once the previous one is handled. Daemon-written.
     pub congestion_handled: u64,
-    /// Non-zero while the daemon needs nothing sent to the destination: the program passes
-    /// instead of redirecting. Daemon-written.
-    pub hold_redirect: u64,
+    /// Reserved for the daemon, zero.
+    pub _daemon_reserved: [u64; 1],
     /// Bytes the program redirected to the destination. Program-written.
     pub redirected: u64,
     /// Bytes the program passed to the source's receive queue for the daemon. Program-written.
@@ -73,13 +72,8 @@ pub struct DirState {
     pub gated: u64,
     /// Congestion events sent (in-flight bytes above `soft_water`). Program-written.
     pub congestion_events: u64,
-    /// Verdicts begun on this direction (counted before `hold_redirect` is read, with a full
-    /// barrier). Program-written.
-    pub verdicts_entered: u64,
-    /// Verdicts finished on this direction (counted after `redirected` is updated). When it
-    /// equals `verdicts_entered` after the daemon set `hold_redirect`, no verdict that missed
-    /// the flag is still running. Program-written.
-    pub verdicts_left: u64,
+    /// Reserved for the program, zero.
+    pub _program_reserved: [u64; 2],
 }
 
 const _: () = assert!(core::mem::size_of::<DirState>() == 128);

@@ -23,14 +23,8 @@
 //! Zero-length skbs (a FIN) are dropped; the daemon propagates FIN and RST itself.
 #![no_std]
 #![no_main]
-// `atomic_xadd`: the BPF target has no atomic types with read-modify-write methods.
-#![allow(internal_features)]
-#![feature(core_intrinsics)]
 
-use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
-    ptr::{addr_of, addr_of_mut, read_volatile},
-};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     Global,
@@ -95,35 +89,12 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     let Some(state) = DIRS.get_ptr_mut(index) else {
         return SK_PASS;
     };
-    // SAFETY: `state` points into the array map for as long as the program runs.
-    unsafe {
-        // A locked add: a full barrier, so the daemon that set `hold_redirect` and then reads
-        // `verdicts_entered` either sees this verdict begun or this verdict sees the flag.
-        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
-            addr_of_mut!((*state).verdicts_entered),
-            1,
-        );
-        let verdict = decide(ctx, state, index, len);
-        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
-            addr_of_mut!((*state).verdicts_left),
-            1,
-        );
-        verdict
-    }
-}
-
-/// The verdict for one skb of direction `index`.
-///
-/// # Safety
-/// `state` must point into the direction array for the whole call.
-#[inline(always)]
-unsafe fn decide(ctx: &SkBuffContext, state: *mut DirState, index: u32, len: u64) -> u32 {
     // SAFETY: `state` points into the array map for as long as the program runs; the verdict of
     // one socket does not run concurrently with itself. Daemon-written fields are read volatile.
     unsafe {
         let relayed = read_volatile(addr_of!((*state).relayed));
         let passed = (*state).passed;
-        if passed != relayed || read_volatile(addr_of!((*state).hold_redirect)) != 0 {
+        if passed != relayed {
             return pass(state, passed, len);
         }
         let redirected = (*state).redirected;

@@ -123,24 +123,6 @@ impl DirView<'_> {
         self.store(offset_of!(DirState, congestion_handled), events);
     }
 
-    /// Makes the program pass instead of redirect (`true`) or redirect again (`false`).
-    pub(crate) fn set_hold_redirect(&self, hold: bool) {
-        if let Some(f) = self.field(offset_of!(DirState, hold_redirect)) {
-            // Sequentially consistent: ordered before the `verdicts_entered` read that follows.
-            f.store(u64::from(hold), Ordering::SeqCst);
-        }
-    }
-
-    /// Whether every verdict that began has finished (read after [`Self::set_hold_redirect`]:
-    /// verdicts beginning later see the flag).
-    pub(crate) fn verdicts_settled(&self) -> bool {
-        let Some(entered) = self.field(offset_of!(DirState, verdicts_entered)) else {
-            return true;
-        };
-        let entered = entered.load(Ordering::SeqCst);
-        self.load(offset_of!(DirState, verdicts_left)) >= entered
-    }
-
     /// The low-water mark.
     pub(crate) fn low_water(&self) -> u64 {
         self.load(offset_of!(DirState, low_water))
@@ -169,12 +151,6 @@ impl DirView<'_> {
         self.store(offset_of!(DirState, gate_closures), state.gate_closures);
         self.store(offset_of!(DirState, delivered_seen), state.delivered_seen);
         self.store(offset_of!(DirState, gated), state.gated);
-        self.store(
-            offset_of!(DirState, verdicts_entered),
-            state.verdicts_entered,
-        );
-        self.store(offset_of!(DirState, verdicts_left), state.verdicts_left);
-        self.store(offset_of!(DirState, hold_redirect), state.hold_redirect);
         self.store(offset_of!(DirState, relayed), state.relayed);
         self.store(
             offset_of!(DirState, congestion_events),

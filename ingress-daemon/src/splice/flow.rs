@@ -29,7 +29,7 @@ use std::{
 
 use super::{
     DirectionBytes, FlowEnd, FlowOutcome, Path,
-    ebpf::{DirView, KernelFlow, KernelPath},
+    ebpf::{KernelFlow, KernelPath},
 };
 use crate::sys::{self, events};
 
@@ -123,14 +123,7 @@ enum Handback {
     /// The source's window is held closed; the window clamp to restore, and the reverse
     /// direction's byte count (kernel and relay) when the hold began.
     Holding { clamp: u32, reverse_seen: u64 },
-    /// The window is open again; the reverse direction is held off the socket (its verdict
-    /// passes) until the window probe can be sent safely.
-    Releasing { since: Instant, reverse_passed: u64 },
 }
-
-/// How long a release waits for the reverse direction to settle before it leaves the news of
-/// the reopened window to the sender's persist timer.
-const RELEASE_PATIENCE: Duration = Duration::from_millis(5);
 
 /// Clamps the window of `fd` to zero; returns the clamp to restore. `reverse_seen` is the
 /// byte count of the direction that writes to `fd`, to tell later whether it moved meanwhile.
@@ -339,10 +332,7 @@ impl Flow {
                 .buf
                 .as_ref()
                 .is_some_and(|_| self.kernel.is_some() && self.dirs[d].flushed_for.is_none());
-            if matches!(
-                self.dirs[d].handback,
-                Handback::Holding { .. } | Handback::Releasing { .. }
-            ) {
+            if matches!(self.dirs[d].handback, Handback::Holding { .. }) {
                 // A held window stalls the sender: look again soon, without backing off.
                 recheck = true;
                 self.backoff = self.backoff.min(1);
@@ -464,64 +454,19 @@ impl Flow {
                     let fd = self.socks[src].as_fd();
                     sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
                     // The sender must hear that the window opened, or it waits for its persist
-                    // timer (200 ms or more). Bytes this socket sends carry the news: when the
-                    // reverse direction moved during the hold, they will. Otherwise a window
-                    // probe does, once nothing can be sending on the socket (see `Releasing`).
-                    if self.moved(dst, Some(path)) != reverse_seen {
-                        self.release_done(d, view, false)?;
-                    } else if self.dirs[dst].shut {
-                        // The reverse direction is over: nothing sends on this socket again.
-                        self.release_done(d, view, true)?;
-                    } else {
-                        let reverse = path.dir(flow.dirs[dst]);
-                        reverse.set_hold_redirect(true);
-                        self.dirs[d].handback = Handback::Releasing {
-                            since: Instant::now(),
-                            reverse_passed: reverse.passed(),
-                        };
-                        return self.hand_back(d, flow, path);
+                    // timer (200 ms or more). Bytes this socket sends carry the news; when the
+                    // reverse direction is quiet, a window probe does.
+                    let probed = self.reverse_quiet(d, flow, path, reverse_seen)?
+                        && sys::send_window_probe(fd).is_ok();
+                    if !probed {
+                        sys::quickack(fd).map_err(|e| (src, e))?;
                     }
-                }
-            }
-            Handback::Releasing {
-                since,
-                reverse_passed,
-            } => {
-                let reverse = path.dir(flow.dirs[dst]);
-                if reverse.passed() != reverse_passed {
-                    // The reverse direction woke up: its segments carry the reopened window,
-                    // and its bytes must not wait for a probe.
-                    reverse.set_hold_redirect(false);
-                    return self.release_done(d, view, false);
-                }
-                let settled = reverse.verdicts_settled() && {
-                    let covered = write_seq(&self.socks[src])
-                        .map_err(|e| (src, e))?
-                        .saturating_sub(reverse.acked_base());
-                    covered >= reverse.redirected() + self.dirs[dst].relayed
-                };
-                if settled || since.elapsed() > RELEASE_PATIENCE {
-                    self.release_done(d, view, settled)?;
-                    reverse.set_hold_redirect(false);
+                    self.dirs[d].handback = Handback::Idle;
+                    // Events so far are dealt with: the program may report the next one.
+                    view.set_congestion_handled(view.congestion_events());
                 }
             }
         }
-        Ok(())
-    }
-
-    /// Ends a hold of direction `d` whose window is open again: tells the sender (a window
-    /// probe when `probe` says nothing can be sending on the socket, else a quick ACK if one is
-    /// due) and lets the program report congestion again.
-    fn release_done(&mut self, d: usize, view: DirView<'_>, probe: bool) -> Result<(), Failure> {
-        let fd = self.socks[d].as_fd();
-        // `TCP_REPAIR` on a socket something sends on would fail that send (`EINVAL`), and a
-        // failed redirect send is an error on the socket: only toggle it when nothing can send.
-        if !(probe && sys::send_window_probe(fd).is_ok()) {
-            sys::quickack(fd).map_err(|e| (d, e))?;
-        }
-        self.dirs[d].handback = Handback::Idle;
-        // Events so far are dealt with: the program may report the next one.
-        view.set_congestion_handled(view.congestion_events());
         Ok(())
     }
 
@@ -529,6 +474,31 @@ impl Flow {
     fn moved(&self, d: usize, kernel: Option<&KernelPath>) -> u64 {
         let b = self.bytes(kernel)[d];
         b.kernel + b.relayed
+    }
+
+    /// Whether nothing can be sending on the source socket of direction `d` right now, so the
+    /// window probe may toggle `TCP_REPAIR` on it: a send in repair mode fails (`EINVAL`), and
+    /// when the kernel's own redirect hits that, it reports an error on the socket and the
+    /// flow is lost. Quiet means the reverse direction (which writes to this socket) moved no
+    /// byte since the hold began, the relay holds none for it, and everything it redirected is
+    /// already in the socket's send queue. Bytes that start moving after this check race the
+    /// probe; their window of a few microseconds is the residual risk.
+    fn reverse_quiet(
+        &self,
+        d: usize,
+        flow: &KernelFlow,
+        path: &KernelPath,
+        reverse_seen: u64,
+    ) -> Result<bool, Failure> {
+        let r = 1 - d;
+        if self.moved(r, Some(path)) != reverse_seen || self.dirs[r].buf.is_some() {
+            return Ok(false);
+        }
+        let rv = path.dir(flow.dirs[r]);
+        let covered = write_seq(&self.socks[d])
+            .map_err(|e| (d, e))?
+            .saturating_sub(rv.acked_base());
+        Ok(covered >= rv.redirected() + self.dirs[r].relayed)
     }
 
     /// Propagates the FIN of direction `d` once it is safe; returns whether it must be polled.
