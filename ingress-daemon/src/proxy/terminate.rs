@@ -195,16 +195,18 @@ where
     let down = copy(&mut backend_r, &mut client_w, |n| sides.count(1, n));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (None, None);
-    let period = idle_timeout.map_or(Duration::from_secs(3600), |t| {
-        (t / 4).max(Duration::from_millis(50))
+    // A flow without a timeout gets no timer (no allocation on the per-connection path).
+    let mut ticker = idle_timeout.map(|t| {
+        let period = (t / 4).max(Duration::from_millis(50));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
     });
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let total = || sides.live.flow.bytes().iter().sum::<u64>();
     let (mut seen, mut since) = (total(), Instant::now());
     while up_done.is_none() || down_done.is_none() {
         tokio::select! {
-            _ = ticker.tick(), if idle_timeout.is_some() => {
+            Some(_) = async { Some(ticker.as_mut()?.tick().await) }, if ticker.is_some() => {
                 let now_total = total();
                 if now_total != seen {
                     (seen, since) = (now_total, Instant::now());
