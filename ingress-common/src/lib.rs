@@ -7,7 +7,7 @@
 #![no_std]
 
 /// Version of the map layouts below; bump it whenever a layout changes.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Name of the sockhash holding every spliced socket, keyed by socket cookie.
 pub const SOCKS_MAP: &str = "SOCKS";
@@ -19,6 +19,11 @@ pub const DIRS_MAP: &str = "DIRS";
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Name of the global holding the offset of `bytes_acked` in the kernel's `struct tcp_sock`.
 pub const BYTES_ACKED_OFFSET_GLOBAL: &str = "BYTES_ACKED_OFFSET";
+/// Name of the global holding the offset of `copied_seq` in the kernel's `struct tcp_sock`.
+pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "COPIED_SEQ_OFFSET";
+/// Name of the global holding the offset of `cb` in the kernel's `struct sk_buff` (TCP keeps a
+/// segment's sequence number at its start).
+pub const SKB_CB_OFFSET_GLOBAL: &str = "SKB_CB_OFFSET";
 /// Name of the stream verdict program.
 pub const VERDICT_PROGRAM: &str = "splice_verdict";
 
@@ -72,9 +77,23 @@ pub struct DirState {
     pub gated: u64,
     /// Congestion events sent (in-flight bytes above `soft_water`). Program-written.
     pub congestion_events: u64,
-    /// Reserved for the program, zero.
-    pub _program_reserved: [u64; 2],
+    /// TCP sequence number of the next byte the source has not yet judged. Program-written;
+    /// meaningful once `seq_state` is [`SEQ_TRACKED`].
+    pub next_seq: u32,
+    /// [`SEQ_UNKNOWN`], [`SEQ_TRACKED`] or [`SEQ_BROKEN`]. Program-written.
+    pub seq_state: u32,
+    /// Bytes at the head of retransmitted segments that repeated bytes already judged, cut off
+    /// before the verdict (see the program's documentation). Program-written.
+    pub overlap_trimmed: u64,
 }
+
+/// `DirState::seq_state`: the program has not seen a segment of this direction yet.
+pub const SEQ_UNKNOWN: u32 = 0;
+/// `DirState::seq_state`: `next_seq` follows the stream.
+pub const SEQ_TRACKED: u32 = 1;
+/// `DirState::seq_state`: a segment repeating judged bytes could not be cut; the program drops
+/// everything from this source and has told the daemon, which resets the flow.
+pub const SEQ_BROKEN: u32 = 2;
 
 const _: () = assert!(core::mem::size_of::<DirState>() == 128);
 

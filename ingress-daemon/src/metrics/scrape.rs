@@ -309,6 +309,14 @@ impl Scrape {
         )?;
         single(
             e,
+            "ingressd_retransmit_overlap_bytes",
+            "Bytes the kernel path cut from the head of retransmitted segments because they \
+             repeated bytes already forwarded (never forwarded twice).",
+            MetricType::Counter,
+            |e| counter(e, v.usage.overlap_trimmed),
+        )?;
+        single(
+            e,
             "ingressd_sockhash_entries",
             "Sockets in the eBPF sockhash (two per kernel flow).",
             MetricType::Gauge,

@@ -28,8 +28,8 @@ use aya::{
     programs::SkSkb,
 };
 use ingress_common::{
-    BYTES_ACKED_OFFSET_GLOBAL, DIRS_MAP, DirState, MAX_DIRS, SOCK_DIR_MAP, SOCKS_MAP, SockDir,
-    VERDICT_PROGRAM,
+    BYTES_ACKED_OFFSET_GLOBAL, COPIED_SEQ_OFFSET_GLOBAL, DIRS_MAP, DirState, MAX_DIRS, SEQ_BROKEN,
+    SKB_CB_OFFSET_GLOBAL, SOCK_DIR_MAP, SOCKS_MAP, SockDir, VERDICT_PROGRAM,
 };
 
 use super::{SpliceError, btf};
@@ -118,6 +118,19 @@ impl DirView<'_> {
         self.load(offset_of!(DirState, congestion_events))
     }
 
+    /// Whether the program could not cut a retransmitted segment's repeated head and now
+    /// drops everything from the source: the flow must be reset.
+    pub(crate) fn broken(&self) -> bool {
+        // `next_seq` and `seq_state` share one 64-bit word, `seq_state` in its upper half.
+        let word = self.load(offset_of!(DirState, next_seq));
+        u32::try_from(word >> 32).is_ok_and(|state| state == SEQ_BROKEN)
+    }
+
+    /// Bytes of retransmitted segments the program cut because they repeated judged bytes.
+    pub(crate) fn overlap_trimmed(&self) -> u64 {
+        self.load(offset_of!(DirState, overlap_trimmed))
+    }
+
     /// Marks congestion events up to `events` handled (the program may send the next one).
     pub(crate) fn set_congestion_handled(&self, events: u64) {
         self.store(offset_of!(DirState, congestion_handled), events);
@@ -151,6 +164,11 @@ impl DirView<'_> {
         self.store(offset_of!(DirState, gate_closures), state.gate_closures);
         self.store(offset_of!(DirState, delivered_seen), state.delivered_seen);
         self.store(offset_of!(DirState, gated), state.gated);
+        self.store(
+            offset_of!(DirState, next_seq),
+            u64::from(state.next_seq) | (u64::from(state.seq_state) << 32),
+        );
+        self.store(offset_of!(DirState, overlap_trimmed), state.overlap_trimmed);
         self.store(offset_of!(DirState, relayed), state.relayed);
         self.store(
             offset_of!(DirState, congestion_events),
@@ -202,6 +220,14 @@ pub(crate) struct KernelFlow {
     pub(crate) dirs: [DirIndex; 2],
 }
 
+/// A BTF member offset the program takes as a `u32` (non-zero: zero means unknown to it).
+fn offset32(offset: u64, reason: &'static str) -> Result<u32, LoadError> {
+    u32::try_from(offset)
+        .ok()
+        .filter(|&o| o != 0)
+        .ok_or(LoadError::Btf(btf::BtfError::Malformed { reason }))
+}
+
 fn map_fd(object: &Ebpf, name: &'static str) -> Result<OwnedFd, LoadError> {
     let data: &MapData = match object.map(name) {
         Some(Map::SockHash(data) | Map::HashMap(data) | Map::Array(data)) => data,
@@ -221,11 +247,19 @@ impl KernelPath {
     /// CAP_PERFMON) or on kernels without the needed helpers (`bpf_skc_to_tcp_sock`: 5.9+).
     pub(crate) fn load() -> Result<Self, LoadError> {
         let offset = btf::kernel_member_offset("tcp_sock", "bytes_acked")?;
-        let offset32 = u32::try_from(offset).map_err(|_| btf::BtfError::Malformed {
-            reason: "tcp_sock.bytes_acked offset out of range",
-        })?;
+        let acked32 = offset32(offset, "tcp_sock.bytes_acked offset out of range")?;
+        let copied_seq = offset32(
+            btf::kernel_member_offset("tcp_sock", "copied_seq")?,
+            "tcp_sock.copied_seq offset out of range",
+        )?;
+        let skb_cb = offset32(
+            btf::kernel_member_offset("sk_buff", "cb")?,
+            "sk_buff.cb offset out of range",
+        )?;
         let mut object = EbpfLoader::new()
-            .override_global(BYTES_ACKED_OFFSET_GLOBAL, &offset32, true)
+            .override_global(BYTES_ACKED_OFFSET_GLOBAL, &acked32, true)
+            .override_global(COPIED_SEQ_OFFSET_GLOBAL, &copied_seq, true)
+            .override_global(SKB_CB_OFFSET_GLOBAL, &skb_cb, true)
             .load(PROGRAM_OBJECT)?;
         let socks = map_fd(&object, SOCKS_MAP)?;
         let sock_dir = map_fd(&object, SOCK_DIR_MAP)?;

@@ -296,6 +296,14 @@ impl Flow {
 
     /// The verdict reported congestion on direction slot `dir`: hold the source's window.
     pub(super) fn on_congestion(&mut self, dir: u32, cx: &mut Cx<'_>) -> Step {
+        if let (Some(flow), Some(path)) = (self.kernel, cx.kernel)
+            && flow.dirs.iter().any(|&i| path.dir(i).broken())
+        {
+            // The program drops this flow's bytes from now on: end it with a reset on both
+            // sides so neither peer takes the cut for a complete stream.
+            self.abort();
+            return Step::Done(FlowEnd::KernelError);
+        }
         if let Some(flow) = self.kernel
             && let Some(d) = flow.dirs.iter().position(|&i| i == dir)
             && matches!(self.dirs[d].handback, Handback::Idle)
@@ -604,6 +612,18 @@ impl Flow {
         }
     }
 
+    /// Bytes cut from retransmitted segments, both directions.
+    pub(super) fn overlap_trimmed(&self, kernel: Option<&KernelPath>) -> u64 {
+        match (self.kernel.as_ref(), kernel) {
+            (Some(flow), Some(path)) => flow
+                .dirs
+                .iter()
+                .map(|&i| path.dir(i).overlap_trimmed())
+                .sum(),
+            _ => 0,
+        }
+    }
+
     /// Whether a direction is gated now.
     pub(super) fn gated(&self, kernel: Option<&KernelPath>) -> bool {
         match (self.kernel.as_ref(), kernel) {
@@ -624,6 +644,7 @@ impl Flow {
             duration: self.started.elapsed(),
             gate_closures: self.gate_closures(kernel),
             window_holds: self.window_holds(kernel),
+            overlap_trimmed: self.overlap_trimmed(kernel),
             tag: self.tag,
         }
     }

@@ -183,11 +183,15 @@ pub enum FlowEnd {
     Shutdown,
     /// No byte moved either way for the flow's idle timeout; both sides were closed.
     IdleTimeout,
+    /// The kernel path could not keep the stream exact (it failed, out of memory, to cut the
+    /// repeated head of a retransmitted segment); both sides were reset rather than given a
+    /// corrupted stream.
+    KernelError,
 }
 
 impl FlowEnd {
     /// Every end, in declaration order (`end as usize` indexes it).
-    pub const ALL: [FlowEnd; 9] = [
+    pub const ALL: [FlowEnd; 10] = [
         Self::Closed,
         Self::ClientReset,
         Self::BackendReset,
@@ -197,6 +201,7 @@ impl FlowEnd {
         Self::BackendError,
         Self::Shutdown,
         Self::IdleTimeout,
+        Self::KernelError,
     ];
 
     /// Stable lower-case name.
@@ -211,6 +216,7 @@ impl FlowEnd {
             Self::BackendError => "backend_error",
             Self::Shutdown => "shutdown",
             Self::IdleTimeout => "idle_timeout",
+            Self::KernelError => "kernel_error",
         }
     }
 }
@@ -234,6 +240,9 @@ pub struct FlowOutcome {
     pub gate_closures: u64,
     /// Times the source's window was held closed for congestion (bytes stayed in the kernel).
     pub window_holds: u64,
+    /// Bytes the kernel path cut from the head of retransmitted segments because they repeated
+    /// bytes already forwarded (both directions).
+    pub overlap_trimmed: u64,
     /// The tag given to [`Engine::splice`].
     pub tag: u32,
 }
@@ -319,6 +328,9 @@ pub struct Usage {
     pub gated_flows: u64,
     /// Times a gate closed, finished and live flows together.
     pub gate_closures: u64,
+    /// Bytes cut from retransmitted segments that repeated forwarded bytes, finished and live
+    /// flows together.
+    pub overlap_trimmed: u64,
 }
 
 impl Usage {
@@ -332,6 +344,7 @@ impl Usage {
         }
         self.gated_flows += other.gated_flows;
         self.gate_closures += other.gate_closures;
+        self.overlap_trimmed += other.overlap_trimmed;
     }
 }
 

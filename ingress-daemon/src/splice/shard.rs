@@ -368,6 +368,7 @@ impl Shard {
             },
         );
         self.finished.gate_closures += outcome.gate_closures;
+        self.finished.overlap_trimmed += outcome.overlap_trimmed;
         let on_end = flow.on_end.take();
         // Closing the descriptors removes the sockets from the sockhash (and from epoll).
         drop(flow);
@@ -445,6 +446,7 @@ impl Shard {
             );
             usage.gated_flows += u64::from(flow.gated(kernel));
             usage.gate_closures += flow.gate_closures(kernel);
+            usage.overlap_trimmed += flow.overlap_trimmed(kernel);
         }
         usage
     }
