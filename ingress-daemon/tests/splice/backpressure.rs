@@ -14,18 +14,44 @@ use std::{
 use ingress_daemon::splice::{FlowEnd, Offload, Path};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Pattern, drain, engine, outcome, scaled_bytes, serial, spliced};
+use crate::support::{
+    Pattern, StreamCheck, drain, drain_checked, engine, outcome, scaled_bytes, serial, spliced,
+};
 
 /// Largest allowed gap between bytes sent and bytes read, socket buffers included.
 const LAG_BOUND: u64 = 64 << 20;
 
 /// Reads at `rate` bytes/s while `slow` is set, then as fast as possible, to end of stream.
 fn slow_reader(
-    mut input: TcpStream,
+    input: TcpStream,
     rate: u64,
     slow: Arc<AtomicBool>,
     read: Arc<AtomicU64>,
 ) -> (u64, [u8; 32]) {
+    let (total, hash, _) = paced_read(input, rate, slow, read, None);
+    (total, hash)
+}
+
+/// `slow_reader` that also checks the stream against pattern `seed` and explains the first
+/// difference.
+fn slow_reader_checked(
+    input: TcpStream,
+    rate: u64,
+    slow: Arc<AtomicBool>,
+    seed: u64,
+    others: &[u64],
+) -> (u64, [u8; 32], Option<String>) {
+    let check = StreamCheck::new(seed, others);
+    paced_read(input, rate, slow, Arc::new(AtomicU64::new(0)), Some(check))
+}
+
+fn paced_read(
+    mut input: TcpStream,
+    rate: u64,
+    slow: Arc<AtomicBool>,
+    read: Arc<AtomicU64>,
+    mut check: Option<StreamCheck>,
+) -> (u64, [u8; 32], Option<String>) {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut total = 0u64;
@@ -46,9 +72,15 @@ fn slow_reader(
         };
         let n = input.read(&mut buf[..want]).unwrap();
         if n == 0 {
-            return (total, hash.finalize().into());
+            let found = check
+                .as_ref()
+                .and_then(|c| c.first_difference().map(str::to_owned));
+            return (total, hash.finalize().into(), found);
         }
         hash.update(&buf[..n]);
+        if let Some(check) = check.as_mut() {
+            check.feed(&buf[..n]);
+        }
         total += n as u64;
         read.store(total, Ordering::Relaxed);
     }
@@ -198,6 +230,10 @@ async fn serial_slow_backend_with_busy_reverse_direction_userspace_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_forced_pause_resume_cycling_is_exact() {
     let _serial = serial();
+    forced_cycling().await;
+}
+
+async fn forced_cycling() {
     let Some(engine) = engine(Offload::Required, |_| {}) else {
         return;
     };
@@ -238,19 +274,21 @@ async fn serial_forced_pause_resume_cycling_is_exact() {
             h
         });
         let slow = Arc::new(AtomicBool::new(true));
-        let got_up = std::thread::spawn(move || {
-            slow_reader(server_r, 48 << 20, slow, Arc::new(AtomicU64::new(0)))
-        });
-        let got_down = drain(&mut client_r).unwrap();
+        let got_up =
+            std::thread::spawn(move || slow_reader_checked(server_r, 48 << 20, slow, 21, &[22]));
+        let (down_len, down_hash, down_diff) = drain_checked(&mut client_r, 22, &[21]).unwrap();
+        let (up_len, up_hash, up_diff) = got_up.join().unwrap();
         assert_eq!(
-            got_up.join().unwrap(),
+            (up_len, up_hash),
             (up, a.join().unwrap()),
-            "client → backend differs"
+            "client → backend differs: {}",
+            up_diff.unwrap_or_default()
         );
         assert_eq!(
-            got_down,
+            (down_len, down_hash),
             (down, b.join().unwrap()),
-            "backend → client differs"
+            "backend → client differs: {}",
+            down_diff.unwrap_or_default()
         );
     })
     .await
@@ -259,12 +297,13 @@ async fn serial_forced_pause_resume_cycling_is_exact() {
     let cycles = toggler.await.unwrap();
     let out = outcome(s.done).await;
     eprintln!(
-        "{cycles} pause/resume cycles; up kernel {} relayed {}, down kernel {} relayed {}, {} gate closures",
+        "{cycles} pause/resume cycles; up kernel {} relayed {}, down kernel {} relayed {}, {} gate closures, {} retransmitted bytes cut",
         out.client_to_backend.kernel,
         out.client_to_backend.relayed,
         out.backend_to_client.kernel,
         out.backend_to_client.relayed,
-        out.gate_closures
+        out.gate_closures,
+        out.overlap_trimmed
     );
     assert_eq!(out.end, FlowEnd::Closed);
     assert!(cycles > 50, "only {cycles} cycles");

@@ -8,7 +8,10 @@ use std::{
 
 use ingress_daemon::splice::{Engine, FlowEnd, FlowOptions, Offload};
 
-use crate::support::{Pattern, drain, engine, outcome, scaled_bytes, spliced, spliced_with};
+use crate::support::{
+    Pattern, drain, engine, inject_overlapping_retransmission, is_root, outcome, scaled_bytes,
+    spliced, spliced_with,
+};
 
 fn modes() -> Vec<Offload> {
     vec![Offload::Required, Offload::Off]
@@ -19,6 +22,67 @@ async fn for_each_mode(test: impl Fn(Engine) -> tokio::task::JoinHandle<()>) {
         if let Some(engine) = engine(offload, |_| {}) {
             eprintln!("offload {offload}");
             test(engine).await.unwrap();
+        }
+    }
+}
+
+/// A retransmitted segment that repeats bytes already forwarded and carries new ones after
+/// them: the new bytes arrive once and the repeated ones are not forwarded again (the kernel
+/// hands such a segment to the verdict whole; the program must cut its head).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmission_overlapping_forwarded_bytes_arrives_once() {
+    if !is_root() {
+        eprintln!("skipped: building a retransmission needs a raw socket and TCP_REPAIR (root)");
+        return;
+    }
+    for offload in modes() {
+        let Some(engine) = engine(offload, |_| {}) else {
+            continue;
+        };
+        eprintln!("offload {offload}");
+        {
+            let s = spliced(&engine, |_, _| {});
+            let (mut client, mut server) = (s.client, s.server);
+            let done = s.done;
+            tokio::task::spawn_blocking(move || {
+                server
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let old: Vec<u8> = (0..100u8).collect();
+                let new = b"thirty bytes that follow them!";
+                client.write_all(&old).unwrap();
+                let mut got = vec![0u8; old.len()];
+                server.read_exact(&mut got).unwrap();
+                assert_eq!(got, old);
+                // Let the proxy's socket acknowledge them, so the client's next sequence
+                // number is the proxy's next expected one.
+                std::thread::sleep(Duration::from_millis(100));
+                inject_overlapping_retransmission(&client, &old[50..], new);
+                std::thread::sleep(Duration::from_millis(50));
+                // The client sends the same new bytes itself: an old duplicate by now.
+                client.write_all(new).unwrap();
+                client.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                server.read_to_end(&mut rest).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&rest),
+                    String::from_utf8_lossy(new),
+                    "after the first 100 bytes the backend must get the new bytes once"
+                );
+                server.shutdown(Shutdown::Write).unwrap();
+                let mut end = [0u8; 1];
+                assert_eq!(client.read(&mut end).unwrap(), 0);
+            })
+            .await
+            .unwrap();
+            let out = outcome(done).await;
+            assert_eq!(out.end, FlowEnd::Closed);
+            if offload == Offload::Required {
+                assert!(
+                    out.overlap_trimmed >= 50,
+                    "the program cut the repeated head: {out:?}"
+                );
+            }
         }
     }
 }

@@ -46,7 +46,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
@@ -205,6 +205,113 @@ impl Pattern {
     }
 }
 
+/// Follows a received stream against the pattern it should carry and explains the first byte
+/// that differs: where it is, and which stream and offset the bytes found there came from (a
+/// duplicate, a skip, or bytes of another direction).
+pub struct StreamCheck {
+    seed: u64,
+    blocks: Vec<(u64, Vec<u8>)>,
+    pos: u64,
+    first_difference: Option<String>,
+}
+
+impl StreamCheck {
+    /// Checks a stream of pattern `seed`; `others` are the seeds of streams its bytes could be
+    /// confused with (the other direction).
+    pub fn new(seed: u64, others: &[u64]) -> Self {
+        let blocks = std::iter::once(seed)
+            .chain(others.iter().copied())
+            .map(|s| (s, Pattern::new(s).block))
+            .collect();
+        Self {
+            seed,
+            blocks,
+            pos: 0,
+            first_difference: None,
+        }
+    }
+
+    fn expected(&self, pos: u64) -> u8 {
+        let (index, offset) = (pos >> 20, (pos & ((1 << 20) - 1)) as usize);
+        match index.to_le_bytes().get(offset) {
+            Some(b) => *b,
+            None => self.blocks[0].1[offset],
+        }
+    }
+
+    /// Feeds the next received bytes.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.first_difference.is_none()
+            && let Some(i) =
+                (0..data.len()).find(|&i| data[i] != self.expected(self.pos + i as u64))
+        {
+            let at = self.pos + i as u64;
+            self.first_difference = Some(self.explain(at, &data[i..]));
+        }
+        self.pos += data.len() as u64;
+    }
+
+    fn explain(&self, at: u64, found: &[u8]) -> String {
+        let mut text = format!(
+            "first difference at byte {at} (block {}, offset {})",
+            at >> 20,
+            at & ((1 << 20) - 1)
+        );
+        // Block bodies are identical past their 8-byte stamp: locate the found bytes in each
+        // pattern's block by their content.
+        let probe = &found[..found.len().min(32)];
+        if probe.len() < 16 {
+            text.push_str(&format!(
+                "; only {} bytes left in the read to identify",
+                probe.len()
+            ));
+            return text;
+        }
+        for (seed, block) in &self.blocks {
+            if let Some(off) = block.windows(probe.len()).position(|w| w == probe) {
+                let same = (at & ((1 << 20) - 1)) as i64;
+                text.push_str(&format!(
+                    "; the bytes there are pattern {seed} offset {off} within a block ({}{} bytes from where stream {} was)",
+                    if seed == &self.seed { "" } else { "other stream, " },
+                    off as i64 - same,
+                    self.seed
+                ));
+                return text;
+            }
+        }
+        text.push_str("; the bytes there match no pattern");
+        text
+    }
+
+    /// `None` when every byte so far was right.
+    pub fn first_difference(&self) -> Option<&str> {
+        self.first_difference.as_deref()
+    }
+}
+
+/// Reads to end of stream, checking it against pattern `seed`; returns the byte count, the
+/// SHA-256 and the first difference explained.
+pub fn drain_checked(
+    input: &mut impl Read,
+    seed: u64,
+    others: &[u64],
+) -> io::Result<(u64, [u8; 32], Option<String>)> {
+    let mut check = StreamCheck::new(seed, others);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            let found = check.first_difference().map(str::to_owned);
+            return Ok((total, hash.finalize().into(), found));
+        }
+        hash.update(&buf[..n]);
+        check.feed(&buf[..n]);
+        total += n as u64;
+    }
+}
+
 /// Reads to end of stream; returns the byte count and SHA-256.
 pub fn drain(input: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
     drain_paced(input, None, |_| {})
@@ -314,4 +421,95 @@ pub async fn outcome(done: oneshot::Receiver<FlowOutcome>) -> FlowOutcome {
 /// Open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Sends, from a raw socket, a TCP segment that looks like `client`'s retransmission of its
+/// last `old.len()` bytes (`old` must be exactly those bytes) carrying `new` after them: what a
+/// sender does when it resends a segment the receiver had partly received. The receiver queues
+/// such a segment whole and must skip its repeated head. `client`'s own sequence numbers are read
+/// in repair mode (`TCP_REPAIR`, root only); `client` itself must later send `new` normally,
+/// which the receiver then drops as an old duplicate, so both ends stay in step.
+pub fn inject_overlapping_retransmission(client: &TcpStream, old: &[u8], new: &[u8]) {
+    use std::os::fd::AsRawFd;
+    let fd = client.as_raw_fd();
+    let set = |opt: libc::c_int, value: libc::c_int| {
+        // SAFETY: a plain integer option on a socket this function borrows.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&raw const value).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt {opt}: {}", io::Error::last_os_error());
+    };
+    let queue_seq = |queue: libc::c_int| -> u32 {
+        set(libc::TCP_REPAIR_QUEUE, queue);
+        let mut value: u32 = 0;
+        let mut len = size_of::<u32>() as libc::socklen_t;
+        // SAFETY: `value` is writable for `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_QUEUE_SEQ,
+                (&raw mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_QUEUE_SEQ: {}", io::Error::last_os_error());
+        value
+    };
+    set(libc::TCP_REPAIR, 1);
+    let snd_nxt = queue_seq(2); // TCP_SEND_QUEUE: the next sequence number to send
+    let rcv_nxt = queue_seq(1); // TCP_RECV_QUEUE: the next sequence number expected
+    set(libc::TCP_REPAIR, 0);
+
+    let (src, dst) = match (client.local_addr().unwrap(), client.peer_addr().unwrap()) {
+        (std::net::SocketAddr::V4(s), std::net::SocketAddr::V4(d)) => (s, d),
+        other => panic!("IPv4 sockets only, not {other:?}"),
+    };
+    let mut segment = Vec::with_capacity(20 + old.len() + new.len());
+    segment.extend_from_slice(&src.port().to_be_bytes());
+    segment.extend_from_slice(&dst.port().to_be_bytes());
+    let seq = snd_nxt.wrapping_sub(u32::try_from(old.len()).unwrap());
+    segment.extend_from_slice(&seq.to_be_bytes());
+    segment.extend_from_slice(&rcv_nxt.to_be_bytes());
+    segment.push(5 << 4); // data offset: 20 bytes, no options
+    segment.push(0x18); // PSH | ACK
+    segment.extend_from_slice(&u16::MAX.to_be_bytes()); // window
+    segment.extend_from_slice(&[0, 0, 0, 0]); // checksum (below), urgent pointer
+    segment.extend_from_slice(old);
+    segment.extend_from_slice(new);
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+    pseudo.extend_from_slice(&u16::try_from(segment.len()).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&segment);
+    let checksum = internet_checksum(&pseudo);
+    segment[16..18].copy_from_slice(&checksum.to_be_bytes());
+
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("raw socket (root only)");
+    let to = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(*dst.ip(), 0));
+    raw.send_to(&segment, &to.into()).unwrap();
+}
+
+/// The ones' complement sum of RFC 1071.
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
