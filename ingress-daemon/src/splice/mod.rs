@@ -282,6 +282,9 @@ pub struct Preamble {
     pub backend_consumed: u64,
 }
 
+/// The smallest window cap a kernel flow gets (see [`Engine::splice`]).
+const MIN_WINDOW_CAP: u64 = 256 << 10;
+
 /// How one flow is handed to [`Engine::splice`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowOptions {
@@ -564,6 +567,27 @@ impl Engine {
                         source,
                     }
                 })?;
+            }
+        }
+        if inner.kernel.is_some() {
+            // A window already offered cannot be taken back: after the daemon closes a window at
+            // the soft mark, the sender may still send up to the edge it was offered. Capping
+            // the window keeps that overshoot under half the distance to the hard mark, so a
+            // held flow stays on the kernel path (autotuning alone offers up to `tcp_rmem`'s
+            // maximum, 32 MiB here, and the gate then closed in bulk transfers).
+            let cap = (inner
+                .config
+                .high_water_bytes
+                .saturating_sub(inner.config.soft_water_bytes)
+                / 2)
+            .clamp(MIN_WINDOW_CAP, u64::from(u32::MAX >> 1));
+            for fd in [&client, &backend] {
+                sys::set_window_clamp(std::os::fd::AsFd::as_fd(fd), cap as u32).map_err(
+                    |source| SpliceError::Sys {
+                        call: "TCP_WINDOW_CLAMP",
+                        source,
+                    },
+                )?;
             }
         }
         let kernel = match &inner.kernel {
