@@ -293,7 +293,7 @@ impl Default for Config {
             max_flows: 9_000,
             connect_timeout_ms: 3_000,
             soft_water_bytes: 16 << 20,
-            high_water_bytes: 32 << 20,
+            high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
             backend_allow: default_backend_allow(),
             dns_server: None,

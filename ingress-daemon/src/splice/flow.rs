@@ -551,6 +551,12 @@ impl Flow {
 
     /// Ends the flow after an error on socket `side`: the other side is reset.
     fn reset(&mut self, side: usize, err: &io::Error) -> Step {
+        tracing::debug!(
+            flow = self.id,
+            side = if side == 0 { "client" } else { "backend" },
+            error = %err,
+            "socket error; resetting the other side"
+        );
         let _ = sys::set_reset_on_close(self.socks[1 - side].as_fd());
         let timed_out = err.kind() == io::ErrorKind::TimedOut;
         let reset = matches!(

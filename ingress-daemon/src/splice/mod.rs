@@ -112,7 +112,7 @@ impl Default for EngineConfig {
         Self {
             offload: Offload::Auto,
             soft_water_bytes: 16 << 20,
-            high_water_bytes: 32 << 20,
+            high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
             relay_buffer_bytes: 64 << 10,
             liveness: Some(sys::Liveness {
@@ -572,14 +572,16 @@ impl Engine {
         if inner.kernel.is_some() {
             // A window already offered cannot be taken back: after the daemon closes a window at
             // the soft mark, the sender may still send up to the edge it was offered. Capping
-            // the window keeps that overshoot under half the distance to the hard mark, so a
-            // held flow stays on the kernel path (autotuning alone offers up to `tcp_rmem`'s
-            // maximum, 32 MiB here, and the gate then closed in bulk transfers).
+            // the window at a third of the distance to the hard mark leaves the other two
+            // thirds for the time the daemon takes to react to the soft mark's event (a loaded
+            // machine delays it by milliseconds, at gigabytes per second), so a held flow
+            // stays on the kernel path (autotuning alone offers up to `tcp_rmem`'s maximum,
+            // 32 MiB here, and the gate then closed in bulk transfers).
             let cap = (inner
                 .config
                 .high_water_bytes
                 .saturating_sub(inner.config.soft_water_bytes)
-                / 2)
+                / 3)
             .clamp(MIN_WINDOW_CAP, u64::from(u32::MAX >> 1));
             for fd in [&client, &backend] {
                 sys::set_window_clamp(std::os::fd::AsFd::as_fd(fd), cap as u32).map_err(

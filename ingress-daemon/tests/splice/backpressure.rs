@@ -258,7 +258,7 @@ async fn forced_cycling() {
         })
     };
     let (client, server) = (s.client, s.server);
-    tokio::task::spawn_blocking(move || {
+    let exchanged = tokio::task::spawn_blocking(move || {
         let mut client_w = client.try_clone().unwrap();
         let mut server_w = server.try_clone().unwrap();
         let mut client_r = client;
@@ -291,11 +291,13 @@ async fn forced_cycling() {
             down_diff.unwrap_or_default()
         );
     })
-    .await
-    .unwrap();
+    .await;
     stop.store(true, Ordering::Relaxed);
     let cycles = toggler.await.unwrap();
     let out = outcome(s.done).await;
+    if let Err(failed) = exchanged {
+        panic!("the exchange failed ({failed}); the flow ended {out:?}");
+    }
     eprintln!(
         "{cycles} pause/resume cycles; up kernel {} relayed {}, down kernel {} relayed {}, {} gate closures, {} retransmitted bytes cut",
         out.client_to_backend.kernel,

@@ -66,6 +66,11 @@ pub fn engine(offload: Offload, tweak: impl FnOnce(&mut EngineConfig)) -> Option
         eprintln!("skipped: the kernel path needs root");
         return None;
     }
+    // Why a flow was reset, for the failure's output (captured unless it fails).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("ingress_daemon::splice::flow=debug")
+        .with_test_writer()
+        .try_init();
     let mut config = EngineConfig {
         offload,
         ..EngineConfig::default()
