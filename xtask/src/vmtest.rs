@@ -1,5 +1,5 @@
-//! `cargo xtask vmtest`: the splice engine's tests on stock Debian kernels, each booted under
-//! qemu with the test binary in its initramfs.
+//! `cargo xtask vmtest`: the splice engine's tests and the guest end-to-end test on stock Debian
+//! kernels, each booted under qemu with the test binaries and `ingressd` in its initramfs.
 //!
 //! Per kernel: fetch the pinned Debian package (cached under `target/vmtest/kernels/`), build an
 //! initramfs (static busybox, the test binary and the tools its tests call, with their
@@ -88,17 +88,29 @@ const PYTHON_PACKAGES: &[&str] = &["encodings", "collections", "re", "importlib"
 /// The test binary booted in each guest.
 const TEST_TARGET: &str = "splice";
 
+/// The end-to-end test binary; the guest runs its tests under [`E2E_FILTER`] (Rust peers only:
+/// the guests carry no `openssl` or `curl`) against `/usr/bin/ingressd`.
+const E2E_TARGET: &str = "e2e";
+const E2E_FILTER: &str = "guest::";
+
+/// What the guest runs: the two test binaries and the daemon.
+struct Binaries {
+    splice: PathBuf,
+    e2e: PathBuf,
+    ingressd: PathBuf,
+}
+
 /// Runs the suite on each kernel of `options`; fails if any kernel fails.
 pub fn vmtest(ctx: &Ctx, options: &Options) -> Result<()> {
     require_tools(ctx)?;
     let cache = ctx.target_dir().join("vmtest");
-    let binary = build_test_binary(ctx)?;
+    let binaries = build_test_binaries(ctx)?;
     let mut lines = Vec::new();
     let mut failed = Vec::new();
     for series in options.which.series() {
         println!("\n--- kernel {} ---", series.name);
         let started = Instant::now();
-        match run_kernel(ctx, series, &binary, &cache, options) {
+        match run_kernel(ctx, series, &binaries, &cache, options) {
             Ok(summary) => lines.push(format!("  ok      {:<5} {summary}", series.name)),
             Err(e) => {
                 eprintln!("kernel {}: {e:#}", series.name);
@@ -126,7 +138,7 @@ pub fn vmtest(ctx: &Ctx, options: &Options) -> Result<()> {
 fn run_kernel(
     ctx: &Ctx,
     series: &'static Series,
-    binary: &Path,
+    binaries: &Binaries,
     cache: &Path,
     options: &Options,
 ) -> Result<String> {
@@ -136,7 +148,9 @@ fn run_kernel(
     let initrd = work.join("initramfs.cpio");
     let started = Instant::now();
     let mut tree = Tree::new(&work.join("root"))?;
-    tree.add_binary(binary, TEST_TARGET, true)?;
+    tree.add_binary(&binaries.splice, TEST_TARGET, true)?;
+    tree.add_binary(&binaries.e2e, E2E_TARGET, true)?;
+    tree.add_binary(&binaries.ingressd, "ingressd", true)?;
     tree.add_binary(&find_tool(ctx, "ip")?, "ip", false)?;
     tree.add_binary(&find_tool(ctx, "bpftool")?, "bpftool", false)?;
     tree.add_python(Path::new("/usr/bin/python3"), PYTHON_PACKAGES)?;
@@ -145,6 +159,7 @@ fn run_kernel(
         ("CI", "true".to_owned()),
         ("RUST_BACKTRACE", "1".to_owned()),
         ("INGRESSD_TEST_SCALE_MIB", options.scale_mib.to_string()),
+        ("INGRESSD_BIN", "/usr/bin/ingressd".to_owned()),
     ];
     tree.write_init(&env, &suite_script(&options.test_args), true)?;
     tree.pack(&initrd)?;
@@ -245,6 +260,7 @@ fn suite_script(args: &[String]) -> String {
         "rc=0\n\
          {bin} --skip {SERIAL_PREFIX} || rc=$?\n\
          {bin} --test-threads=1 {SERIAL_PREFIX} || rc=$?\n\
+         /usr/bin/{E2E_TARGET} --test-threads=1 {E2E_FILTER} || rc=$?\n\
          exit $rc\n"
     )
 }
@@ -309,28 +325,35 @@ pub fn self_check(ctx: &Ctx) -> Result<()> {
     }
 }
 
-/// The test binary, built as `cargo xtask test` builds it (same packages, same profile), so an
-/// earlier build is reused.
-fn build_test_binary(ctx: &Ctx) -> Result<PathBuf> {
+/// The test binaries and the daemon, built as `cargo xtask test` builds them (same packages,
+/// targets and profile), so an earlier build is reused.
+fn build_test_binaries(ctx: &Ctx) -> Result<Binaries> {
     let mut cmd = ctx.cargo();
-    cmd.arg("test")
+    cmd.arg("build")
         .args(PACKAGES)
-        .args(["--test", TEST_TARGET, "--no-run", "--message-format=json"])
+        .args(["--lib", "--bins", "--tests", "--message-format=json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     println!("  + {}", display(&cmd));
     let out = cmd.output().context("running cargo")?;
     if !out.status.success() {
-        bail!(
-            "building the {TEST_TARGET} test binary failed ({})",
-            out.status
-        );
+        bail!("building the test binaries failed ({})", out.status);
     }
-    executable_of(&String::from_utf8_lossy(&out.stdout), TEST_TARGET)
+    let messages = String::from_utf8_lossy(&out.stdout);
+    Ok(Binaries {
+        splice: executable_of(&messages, TEST_TARGET)?,
+        e2e: executable_of(&messages, E2E_TARGET)?,
+        ingressd: artifact_of(&messages, "ingressd", "bin")?,
+    })
 }
 
 /// The executable cargo's JSON messages report for the test target `target`.
 fn executable_of(messages: &str, target: &str) -> Result<PathBuf> {
+    artifact_of(messages, target, "test")
+}
+
+/// The executable cargo's JSON messages report for the `kind` target `target`.
+fn artifact_of(messages: &str, target: &str, kind: &str) -> Result<PathBuf> {
     messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -338,10 +361,10 @@ fn executable_of(messages: &str, target: &str) -> Result<PathBuf> {
         .filter(|m| {
             m["target"]["kind"]
                 .as_array()
-                .is_some_and(|kinds| kinds.iter().any(|k| k == "test"))
+                .is_some_and(|kinds| kinds.iter().any(|k| k == kind))
         })
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo reported no executable for the test `{target}`"))
+        .with_context(|| format!("cargo reported no executable for the {kind} `{target}`"))
 }
 
 /// Host tools the matrix runs or copies, by their usual paths (`/usr/sbin` may not be on a
@@ -392,6 +415,7 @@ mod tests {
         let s = suite_script(&[]);
         assert!(s.contains("--skip serial_ || rc=$?"));
         assert!(s.contains("--test-threads=1 serial_ || rc=$?"));
+        assert!(s.contains("/usr/bin/e2e --test-threads=1 guest:: || rc=$?"));
         assert!(s.ends_with("exit $rc\n"));
         assert_eq!(
             suite_script(&["it's".into()]),

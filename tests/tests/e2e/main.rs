@@ -11,6 +11,7 @@ mod clients;
 mod common;
 mod daemon;
 mod dns;
+mod guest;
 mod harness;
 mod refusals;
 mod routing;
