@@ -14,7 +14,7 @@
 //! - [`stats`]: percentiles and medians.
 //! - [`routing`]: routing tables of a given size and in-process lookup latency.
 //! - [`tls`]: the certificates and the TLS settings every target negotiates.
-//! - [`report`]: markdown, JSON lines, the goals, the README section.
+//! - [`report`]: markdown, JSON lines, the performance goals, the README section.
 //!
 //! The `splice-relay` binary is the standalone splice proxy; `ingress-bench` runs a benchmark.
 //! Everything listens and connects on loopback only; every process started is stopped by PID.

@@ -1,5 +1,5 @@
 //! Results as markdown tables (absolute figures with ratios to `direct` side by side), JSON
-//! lines, the issue-6 goals checked against the figures, and the README section.
+//! lines, the performance goals checked against the figures, and the README section.
 use std::{fmt::Write as _, fs, path::Path};
 
 use anyhow::{Context as _, Result, bail};
@@ -245,7 +245,7 @@ impl Report {
         }
         let goals = self.goals();
         if !goals.is_empty() {
-            let _ = writeln!(m, "\nIssue 6 goals against this run:\n");
+            let _ = writeln!(m, "\nPerformance goals against this run:\n");
             let _ = writeln!(m, "| goal | measured | needed | status |");
             let _ = writeln!(m, "|---|---|---|---|");
             for g in &goals {
@@ -277,7 +277,7 @@ impl Report {
         m
     }
 
-    /// The issue-6 goals that this run has the figures for.
+    /// The performance goals that this run has the figures for.
     pub fn goals(&self) -> Vec<Goal> {
         let mut goals = Vec::new();
         if self.bench != "peers" {
@@ -451,7 +451,7 @@ impl Report {
     }
 }
 
-/// One issue-6 goal checked against a run.
+/// One performance goal checked against a run.
 #[derive(Clone, Debug, Serialize)]
 pub struct Goal {
     /// What the goal says.

@@ -1,4 +1,4 @@
-//! `cargo xtask bench`: the peer comparison (issue 6) and `cargo xtask bench splice` (the splice
+//! `cargo xtask bench`: the peer comparison and `cargo xtask bench splice` (the splice
 //! engine alone). Installs the peers if missing, builds the daemon and the benchmark binaries in
 //! release mode, then runs `ingress-bench`, which measures and writes the report.
 //!
