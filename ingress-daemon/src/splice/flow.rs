@@ -29,7 +29,7 @@ use std::{
 
 use super::{
     DirectionBytes, FlowEnd, FlowOutcome, Path,
-    ebpf::{KernelFlow, KernelPath},
+    ebpf::{DirView, KernelFlow, KernelPath},
 };
 use crate::sys::{self, events};
 
@@ -596,38 +596,27 @@ impl Flow {
         })
     }
 
-    /// Times the gate closed, both directions.
-    pub(super) fn gate_closures(&self, kernel: Option<&KernelPath>) -> u64 {
+    /// A per-direction program counter summed over both directions (0 off the kernel path).
+    fn sum_dirs(&self, kernel: Option<&KernelPath>, counter: impl Fn(&DirView<'_>) -> u64) -> u64 {
         match (self.kernel.as_ref(), kernel) {
-            (Some(flow), Some(path)) => {
-                flow.dirs.iter().map(|&i| path.dir(i).gate_closures()).sum()
-            }
+            (Some(flow), Some(path)) => flow.dirs.iter().map(|&i| counter(&path.dir(i))).sum(),
             _ => 0,
         }
+    }
+
+    /// Times the gate closed, both directions.
+    pub(super) fn gate_closures(&self, kernel: Option<&KernelPath>) -> u64 {
+        self.sum_dirs(kernel, |v| v.gate_closures())
     }
 
     /// Times the window was held for congestion, both directions.
     pub(super) fn window_holds(&self, kernel: Option<&KernelPath>) -> u64 {
-        match (self.kernel.as_ref(), kernel) {
-            (Some(flow), Some(path)) => flow
-                .dirs
-                .iter()
-                .map(|&i| path.dir(i).congestion_events())
-                .sum(),
-            _ => 0,
-        }
+        self.sum_dirs(kernel, |v| v.congestion_events())
     }
 
     /// Bytes cut from retransmitted segments, both directions.
     pub(super) fn overlap_trimmed(&self, kernel: Option<&KernelPath>) -> u64 {
-        match (self.kernel.as_ref(), kernel) {
-            (Some(flow), Some(path)) => flow
-                .dirs
-                .iter()
-                .map(|&i| path.dir(i).overlap_trimmed())
-                .sum(),
-            _ => 0,
-        }
+        self.sum_dirs(kernel, |v| v.overlap_trimmed())
     }
 
     /// Whether a direction is gated now.

@@ -150,3 +150,14 @@ pub fn run(cmd: &mut std::process::Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The sum of `ingressd_bytes_total` over the series whose labels include every one of `labels`
+/// (each written `name="value"`).
+pub fn bytes_metric(api: &ApiClient, labels: &[&str]) -> f64 {
+    let text = api.get("/metrics").unwrap().text;
+    text.lines()
+        .filter(|l| l.starts_with("ingressd_bytes_total{"))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

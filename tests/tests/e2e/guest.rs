@@ -10,7 +10,7 @@ use ingress_tests::{echo::EchoServer, pki::Pki, tls::RustlsServer, tls::tls_conn
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::common::{certificate, create_ingress, instance, kernel_daemon, rule};
+use crate::common::{bytes_metric, certificate, create_ingress, instance, kernel_daemon, rule};
 
 /// Bytes each flow echoes.
 const ECHOED: usize = 16 << 20;
@@ -35,15 +35,6 @@ fn echo_through(stream: &mut (impl std::io::Read + std::io::Write), seed: u8) {
         sent.finalize(),
         "the echo came back byte-exact"
     );
-}
-
-fn bytes_metric(api: &ingress_tests::ApiClient, labels: &[&str]) -> f64 {
-    let text = api.get("/metrics").unwrap().text;
-    text.lines()
-        .filter(|l| l.starts_with("ingressd_bytes_total{"))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]

@@ -16,7 +16,7 @@ use ingress_tests::{
 };
 
 use crate::common::{
-    certificate, create_ingress, http_backend, instance, kernel_daemon, rule, run,
+    bytes_metric, certificate, create_ingress, http_backend, instance, kernel_daemon, rule, run,
 };
 
 fn curl(ingress: SocketAddr, host: &str, ca: &std::path::Path) -> String {
@@ -218,16 +218,6 @@ fn idle_timeout_closes_silent_connections_in_both_modes() {
         "{}",
         refused.text
     );
-}
-
-/// Sum of the `ingressd_bytes_total` samples whose labels include every one of `labels`.
-fn bytes_metric(api: &ingress_tests::ApiClient, labels: &[&str]) -> f64 {
-    let text = api.get("/metrics").unwrap().text;
-    text.lines()
-        .filter(|l| l.starts_with("ingressd_bytes_total{"))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
