@@ -352,8 +352,11 @@ fn executable_of(messages: &str, target: &str) -> Result<PathBuf> {
     artifact_of(messages, target, "test")
 }
 
-/// The executable cargo's JSON messages report for the `kind` target `target`.
+/// The executable cargo's JSON messages report for the `kind` target `target`. A `bin` target
+/// also has a unit-test harness of the same name and kind (`--bins --tests` builds both); the
+/// profile's `test` flag tells them apart, so a `bin` is never its test harness.
 fn artifact_of(messages: &str, target: &str, kind: &str) -> Result<PathBuf> {
+    let want_harness = kind == "test";
     messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
@@ -363,6 +366,7 @@ fn artifact_of(messages: &str, target: &str, kind: &str) -> Result<PathBuf> {
                 .as_array()
                 .is_some_and(|kinds| kinds.iter().any(|k| k == kind))
         })
+        .filter(|m| m["profile"]["test"].as_bool() == Some(want_harness))
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .with_context(|| format!("cargo reported no executable for the {kind} `{target}`"))
 }
@@ -400,14 +404,32 @@ mod tests {
 
     #[test]
     fn the_test_executable_comes_from_cargo_messages() {
-        let messages = r#"{"reason":"compiler-artifact","target":{"name":"ingress_daemon","kind":["lib"]},"executable":null}
-{"reason":"compiler-artifact","target":{"name":"splice","kind":["test"]},"executable":"/t/debug/deps/splice-abc"}
+        let messages = r#"{"reason":"compiler-artifact","target":{"name":"ingress_daemon","kind":["lib"]},"profile":{"test":false},"executable":null}
+{"reason":"compiler-artifact","target":{"name":"splice","kind":["test"]},"profile":{"test":true},"executable":"/t/debug/deps/splice-abc"}
 {"reason":"build-finished","success":true}"#;
         assert_eq!(
             executable_of(messages, "splice").unwrap(),
             PathBuf::from("/t/debug/deps/splice-abc")
         );
         assert!(executable_of(messages, "other").is_err());
+    }
+
+    /// `--bins --tests` builds a bin twice: the program and its unit-test harness, both of kind
+    /// `bin`; whichever cargo reports first, the daemon is the program.
+    #[test]
+    fn the_daemon_is_never_its_unit_test_harness() {
+        let harness = r#"{"reason":"compiler-artifact","target":{"name":"ingressd","kind":["bin"]},"profile":{"test":true},"executable":"/t/debug/deps/ingressd-0123"}"#;
+        let program = r#"{"reason":"compiler-artifact","target":{"name":"ingressd","kind":["bin"]},"profile":{"test":false},"executable":"/t/debug/ingressd"}"#;
+        for messages in [
+            format!("{harness}\n{program}"),
+            format!("{program}\n{harness}"),
+        ] {
+            assert_eq!(
+                artifact_of(&messages, "ingressd", "bin").unwrap(),
+                PathBuf::from("/t/debug/ingressd")
+            );
+        }
+        assert!(artifact_of(harness, "ingressd", "bin").is_err());
     }
 
     #[test]
