@@ -1,15 +1,16 @@
 //! The access log: one JSON line per finished flow and per refused connection.
 //!
 //! Design: the data path never waits for it. A record is moved (not formatted) into a bounded
-//! channel with `try_send`; when the channel is full the record is dropped and counted
-//! (`ingressd_access_log_dropped_total`). A dedicated thread formats and writes batches: one
-//! `write` per batch, flushed whenever the channel runs dry, so a line is never split and an
-//! idle daemon has written everything. With `access_log = "off"` there is no channel, no thread
-//! and the data path builds no record.
+//! queue, a `Vec` behind a mutex that is only ever held for a push or a swap; when the queue is
+//! full the record is dropped and counted (`ingressd_access_log_dropped_total`). A dedicated
+//! thread takes the whole queue every `BATCH_INTERVAL` (one swap), formats it and writes it:
+//! one `write` per batch, so a line is never split and an idle daemon has written everything.
+//! With `access_log = "off"` there is no queue, no thread and the data path builds no record.
 //!
-//! Cost: a record carries no heap allocation (see [`LogText`]) and moves through the channel by
-//! value; the writer formats it by hand ([`json`]). Measured with callgrind in the README's
-//! "Cost" section.
+//! Cost: a record carries no heap allocation (see [`LogText`]), is moved once into the queue
+//! and formatted where it lies; its wall-clock time comes from the monotonic clock plus an
+//! offset the writer refreshes ([`AccessLog::unix_micros_at`]); the writer formats by hand
+//! ([`json`]). Measured with callgrind in the README's "Cost" section.
 //!
 //! # Layout
 //! - `text`: [`LogText`], the record's texts, shared or copied in place.
@@ -22,12 +23,14 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::Path,
-    sync::{Arc, atomic::Ordering},
-    task::{Context, Poll, Waker},
-    time::{Duration, SystemTime},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use text::{LogText, SHORT_INLINE_BYTES};
 
@@ -45,8 +48,8 @@ const QUEUE_RECORDS: usize = 16_384;
 /// How often the writer takes what is queued (so at most ~160,000 records a second).
 const BATCH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Records the writer takes from the channel at once (it frees their slots together).
-const TAKE_RECORDS: usize = 256;
+/// Queue capacity (in records) the writer keeps between batches; a burst's is given back.
+const SPARE_RECORDS: usize = 1024;
 
 /// Why the access log could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -195,20 +198,51 @@ pub fn unix_micros(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "records move by value so the data path does not allocate; flushes are rare"
-)]
-enum Message {
-    Record(Record),
-    /// Answered once everything before it is written (taken by the writer).
-    Flush(Option<oneshot::Sender<()>>),
+/// Records waiting for the writer and flushes waiting for their answer.
+#[derive(Default)]
+struct Queue {
+    records: Vec<Record>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+/// What the data path and the writer share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Wall clock minus monotonic clock, in microseconds, refreshed by the writer on each
+    /// batch: a record's time costs one monotonic clock read (which the data path usually
+    /// already has) instead of a second, wall-clock read and its conversion.
+    wall_offset_micros: AtomicU64,
+    /// The monotonic clock's origin for `wall_offset_micros`.
+    origin: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves a queue that is still consistent (pushes and
+        // swaps are whole), so a poisoned lock is taken as it is.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refresh_wall_offset(&self) {
+        let wall = unix_micros(SystemTime::now());
+        let mono = micros(self.origin.elapsed());
+        self.wall_offset_micros
+            .store(wall.wrapping_sub(mono), Ordering::Relaxed);
+    }
+}
+
+/// A duration in whole microseconds (saturating after ~584,000 years).
+#[inline]
+fn micros(d: Duration) -> u64 {
+    d.as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(u64::from(d.subsec_micros()))
 }
 
 /// The data path's handle on the access log; cheap to clone.
 #[derive(Clone)]
 pub struct AccessLog {
-    tx: Option<mpsc::Sender<Message>>,
+    shared: Option<Arc<Shared>>,
     metrics: Arc<Metrics>,
 }
 
@@ -231,50 +265,72 @@ impl AccessLog {
             config::AccessLog::Stderr => Box::new(std::io::stderr()),
             config::AccessLog::File(path) => Box::new(open(path)?),
         };
-        let (tx, rx) = mpsc::channel(QUEUE_RECORDS);
+        let shared = Arc::new(Shared {
+            queue: Mutex::default(),
+            wall_offset_micros: AtomicU64::new(0),
+            origin: Instant::now(),
+        });
+        shared.refresh_wall_offset();
+        let writer = shared.clone();
         let counters = metrics.clone();
         std::thread::Builder::new()
             .name("access-log".to_owned())
-            .spawn(move || write_loop(rx, sink, &counters))
+            .spawn(move || write_loop(&writer, sink, &counters))
             .map_err(AccessLogError::Thread)?;
         Ok(Self {
-            tx: Some(tx),
+            shared: Some(shared),
             metrics,
         })
     }
 
     /// An access log that writes nothing.
     pub fn off(metrics: Arc<Metrics>) -> Self {
-        Self { tx: None, metrics }
+        Self {
+            shared: None,
+            metrics,
+        }
     }
 
     /// Whether records are wanted (the data path builds none otherwise).
     pub fn enabled(&self) -> bool {
-        self.tx.is_some()
+        self.shared.is_some()
+    }
+
+    /// The wall-clock time of the monotonic instant `at`, in microseconds since the Unix
+    /// epoch (as of the writer's last batch: a clock step shows within `BATCH_INTERVAL`).
+    #[inline]
+    pub fn unix_micros_at(&self, at: Instant) -> u64 {
+        match &self.shared {
+            Some(shared) => shared
+                .wall_offset_micros
+                .load(Ordering::Relaxed)
+                .wrapping_add(micros(at.saturating_duration_since(shared.origin))),
+            None => unix_micros(SystemTime::now()),
+        }
     }
 
     /// Queues a record without waiting; a full queue drops it (counted).
     #[inline]
     pub fn log(&self, record: Record) {
-        let Some(tx) = &self.tx else { return };
-        if tx.try_send(Message::Record(record)).is_err() {
-            self.metrics
-                .access_log
-                .dropped
-                .fetch_add(1, Ordering::Relaxed);
+        let Some(shared) = &self.shared else { return };
+        let mut queue = shared.lock();
+        if queue.records.len() < QUEUE_RECORDS {
+            queue.records.push(record);
+            return;
         }
+        drop(queue);
+        self.metrics
+            .access_log
+            .dropped
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Waits (up to `timeout`) until every record queued so far is written.
     pub async fn flush(&self, timeout: Duration) {
-        let Some(tx) = &self.tx else { return };
+        let Some(shared) = &self.shared else { return };
         let (done, wait) = oneshot::channel();
-        let _ = tokio::time::timeout(timeout, async {
-            if tx.send(Message::Flush(Some(done))).await.is_ok() {
-                let _ = wait.await;
-            }
-        })
-        .await;
+        shared.lock().flushes.push(done);
+        let _ = tokio::time::timeout(timeout, wait).await;
     }
 }
 
@@ -289,51 +345,38 @@ fn open(path: &Path) -> Result<std::fs::File, AccessLogError> {
         })
 }
 
-fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Box<dyn Write + Send>, metrics: &Metrics) {
+fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &Metrics) {
     let counters = &metrics.access_log;
     let mut buf = Vec::with_capacity(64 << 10);
     let mut dates = json::Dates::default();
-    let mut taken = Vec::with_capacity(TAKE_RECORDS);
-    let mut flushes = Vec::new();
+    let mut taken = Queue::default();
     let mut failed_before = false;
-    // Nothing waits on the channel: the writer polls it (a sender's wake-up is a no-op).
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut open = true;
-    while open {
-        // Polled on a short period instead of woken per record: a busy data path then never
-        // pays for a wake-up, and lines still reach the file within `BATCH_INTERVAL`.
+    loop {
+        // Woken on a short period instead of per record: a busy data path then never pays for
+        // a wake-up, and lines still reach the file within `BATCH_INTERVAL`.
         std::thread::sleep(BATCH_INTERVAL);
+        shared.refresh_wall_offset();
+        // Every handle but this one gone: what is queued now is the last of it.
+        let last = Arc::strong_count(shared) == 1;
+        {
+            // One swap under the lock: the data path never waits for formatting or I/O.
+            let mut queue = shared.lock();
+            std::mem::swap(&mut queue.records, &mut taken.records);
+            std::mem::swap(&mut queue.flushes, &mut taken.flushes);
+        }
         let mut lines = 0u64;
-        loop {
-            // Taken in groups: one release of channel slots per group, and each record is
-            // formatted where it lies (a record is a few hundred bytes, each move a `memcpy`).
-            match rx.poll_recv_many(&mut cx, &mut taken, TAKE_RECORDS) {
-                Poll::Pending => break,
-                Poll::Ready(0) => {
-                    open = false;
-                    break;
-                }
-                Poll::Ready(_) => {}
+        for record in taken.records.drain(..) {
+            record.write_line(&mut buf, &mut dates);
+            lines += 1;
+            if buf.len() >= (60 << 10) {
+                write_batch(
+                    &mut sink,
+                    &mut buf,
+                    &mut lines,
+                    counters,
+                    &mut failed_before,
+                );
             }
-            for message in &mut taken {
-                match message {
-                    Message::Record(record) => {
-                        record.write_line(&mut buf, &mut dates);
-                        lines += 1;
-                    }
-                    Message::Flush(done) => flushes.extend(done.take()),
-                }
-                if buf.len() >= (60 << 10) {
-                    write_batch(
-                        &mut sink,
-                        &mut buf,
-                        &mut lines,
-                        counters,
-                        &mut failed_before,
-                    );
-                }
-            }
-            taken.clear();
         }
         write_batch(
             &mut sink,
@@ -342,8 +385,16 @@ fn write_loop(mut rx: mpsc::Receiver<Message>, mut sink: Box<dyn Write + Send>, 
             counters,
             &mut failed_before,
         );
-        for done in flushes.drain(..) {
+        // Records queued before a flush was asked for were taken with it, and are written.
+        for done in taken.flushes.drain(..) {
             let _ = done.send(());
+        }
+        // A burst's queue is not kept for good.
+        if taken.records.capacity() > SPARE_RECORDS {
+            taken.records.shrink_to(SPARE_RECORDS);
+        }
+        if last {
+            return;
         }
     }
 }
@@ -385,6 +436,70 @@ mod tests {
         // glibc copies up to eight 32-byte vectors without a loop; a record is copied into
         // and out of the channel.
         assert!(size_of::<Record>() <= 256, "{}", size_of::<Record>());
+    }
+
+    fn refusal(time_micros: u64) -> Record {
+        Record {
+            time_micros,
+            ingress: Arc::from("db"),
+            rule: None,
+            client: "127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()),
+            sni: Some("x.example.com".into()),
+            alpn: None,
+            instance: None,
+            backend: None,
+            mode: None,
+            duration_micros: 1500,
+            outcome: Outcome::Refused {
+                reason: Reason::UnknownSni,
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        // No writer: nothing takes the queue while it fills.
+        let metrics = Metrics::new();
+        let log = AccessLog {
+            shared: Some(Arc::new(Shared {
+                queue: Mutex::default(),
+                wall_offset_micros: AtomicU64::new(0),
+                origin: Instant::now(),
+            })),
+            metrics: metrics.clone(),
+        };
+        for i in 0..QUEUE_RECORDS + 3 {
+            log.log(refusal(i as u64));
+        }
+        let queued = log.shared.as_ref().map_or(0, |s| s.lock().records.len());
+        assert_eq!(queued, QUEUE_RECORDS);
+        assert_eq!(metrics.access_log.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_flush_returns_once_earlier_records_are_written_and_times_follow_the_wall_clock() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("access.log");
+        let metrics = Metrics::new();
+        let log = AccessLog::start(&config::AccessLog::File(path.clone()), metrics.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let wall = unix_micros(SystemTime::now());
+        let derived = log.unix_micros_at(Instant::now());
+        // Both clocks read within microseconds of each other; a wrong offset is off by years.
+        assert!(
+            derived.abs_diff(wall) < 1_000_000,
+            "monotonic-derived {derived} vs wall clock {wall}"
+        );
+        for _ in 0..3 {
+            log.log(refusal(derived));
+        }
+        log.flush(Duration::from_secs(10)).await;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert_eq!(metrics.access_log.written.load(Ordering::Relaxed), 3);
+        let first: serde_json::Value =
+            serde_json::from_str(text.lines().next().unwrap_or_default()).unwrap_or_default();
+        assert_eq!(first["reason"], "unknown_sni");
     }
 
     #[test]

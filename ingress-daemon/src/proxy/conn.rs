@@ -3,7 +3,7 @@
 use std::{
     net::SocketAddr,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::OwnedSemaphorePermit};
@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::{DataPlane, FlowSlot, Reason, Refusal, terminate};
 use crate::{
-    access_log::{self, LogText, Outcome, Record},
+    access_log::{AccessLog, LogText, Outcome, Record},
     connect, hello,
     listeners::IngressHandle,
     metrics::{FlowPath, IngressMetrics},
@@ -78,11 +78,17 @@ impl Conn {
         }
     }
 
-    /// The access log record. The server name and ALPN are copied into it (and freed here, on
-    /// the thread that allocated them).
-    pub(super) fn record(self, duration: Duration, outcome: Outcome) -> Record {
+    /// The access log record of a connection that ended at `ended_at`. The server name and
+    /// ALPN are copied into it (and freed here, on the thread that allocated them).
+    pub(super) fn record(
+        self,
+        log: &AccessLog,
+        ended_at: Instant,
+        duration: Duration,
+        outcome: Outcome,
+    ) -> Record {
         Record {
-            time_micros: access_log::unix_micros(SystemTime::now()),
+            time_micros: log.unix_micros_at(ended_at),
             ingress: self.counters.name().clone(),
             rule: self.rule,
             client: self.client,
@@ -140,8 +146,11 @@ pub(super) async fn handle(
         }
         let log = &dp.inner.access_log;
         if log.enabled() {
-            let took = conn.accepted_at.elapsed();
+            let now = Instant::now();
+            let took = now.saturating_duration_since(conn.accepted_at);
             log.log(conn.record(
+                log,
+                now,
                 took,
                 Outcome::Refused {
                     reason: refusal.reason,
@@ -346,6 +355,8 @@ fn splice_flow(
         if log.enabled() {
             let (up, down) = (outcome.client_to_backend, outcome.backend_to_client);
             log.log(flow.record(
+                log,
+                Instant::now(),
                 outcome.duration,
                 Outcome::Flow {
                     id: outcome.id,

@@ -135,7 +135,8 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     let end = relay(tls, backend, &sides, idle_timeout).await;
     let [up, down] = live.flow.bytes();
     drop(live);
-    let took = started.elapsed();
+    let ended_at = Instant::now();
+    let took = ended_at.saturating_duration_since(started);
     counters.on_flow_end(Mode::Terminate, FlowPath::Userspace, end, took);
     drop(slot);
     debug!(
@@ -148,6 +149,8 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     let log = &dp.inner.access_log;
     if log.enabled() {
         log.log(flow.record(
+            log,
+            ended_at,
             took,
             Outcome::Flow {
                 id,
