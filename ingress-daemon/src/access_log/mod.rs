@@ -217,6 +217,14 @@ struct Shared {
 }
 
 impl Shared {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::default(),
+            wall_offset_micros: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A panic while holding the lock leaves a queue that is still consistent (pushes and
         // swaps are whole), so a poisoned lock is taken as it is.
@@ -265,11 +273,7 @@ impl AccessLog {
             config::AccessLog::Stderr => Box::new(std::io::stderr()),
             config::AccessLog::File(path) => Box::new(open(path)?),
         };
-        let shared = Arc::new(Shared {
-            queue: Mutex::default(),
-            wall_offset_micros: AtomicU64::new(0),
-            origin: Instant::now(),
-        });
+        let shared = Arc::new(Shared::new());
         shared.refresh_wall_offset();
         let writer = shared.clone();
         let counters = metrics.clone();
@@ -434,7 +438,7 @@ mod tests {
     #[test]
     fn a_record_fits_a_loop_free_memcpy() {
         // glibc copies up to eight 32-byte vectors without a loop; a record is copied into
-        // and out of the channel.
+        // the queue and out of it.
         assert!(size_of::<Record>() <= 256, "{}", size_of::<Record>());
     }
 
@@ -461,11 +465,7 @@ mod tests {
         // No writer: nothing takes the queue while it fills.
         let metrics = Metrics::new();
         let log = AccessLog {
-            shared: Some(Arc::new(Shared {
-                queue: Mutex::default(),
-                wall_offset_micros: AtomicU64::new(0),
-                origin: Instant::now(),
-            })),
+            shared: Some(Arc::new(Shared::new())),
             metrics: metrics.clone(),
         };
         for i in 0..QUEUE_RECORDS + 3 {
@@ -504,21 +504,7 @@ mod tests {
 
     #[test]
     fn a_refusal_line_has_the_reason_and_no_flow_fields() {
-        let record = Record {
-            time_micros: 1_700_000_000_000_000,
-            ingress: Arc::from("db"),
-            rule: None,
-            client: "127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()),
-            sni: Some("x.example.com".into()),
-            alpn: None,
-            instance: None,
-            backend: None,
-            mode: None,
-            duration_micros: 1500,
-            outcome: Outcome::Refused {
-                reason: Reason::UnknownSni,
-            },
-        };
+        let record = refusal(1_700_000_000_000_000);
         let mut line = Vec::new();
         record.write_json(&mut line);
         assert_eq!(line.last(), Some(&b'\n'));
