@@ -151,13 +151,62 @@ pub fn run(cmd: &mut std::process::Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The sum of `ingressd_bytes_total` over the series whose labels include every one of `labels`
-/// (each written `name="value"`).
-pub fn bytes_metric(api: &ApiClient, labels: &[&str]) -> f64 {
-    let text = api.get("/metrics").unwrap().text;
+/// The sum of the samples of metric `name` (the full sample name, e.g.
+/// `ingressd_bytes_total`) over the series whose labels include every one of `labels` (each
+/// written `name="value"`).
+pub fn metric(api: &ApiClient, name: &str, labels: &[&str]) -> f64 {
+    let scrape = api.get("/metrics").unwrap();
+    assert_eq!(scrape.status, 200, "{}", scrape.text);
+    sum_samples(&scrape.text, name, labels)
+}
+
+fn sum_samples(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with("ingressd_bytes_total{"))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The sum of `ingressd_bytes_total` over the series whose labels include every one of `labels`
+/// (each written `name="value"`).
+pub fn bytes_metric(api: &ApiClient, labels: &[&str]) -> f64 {
+    metric(api, "ingressd_bytes_total", labels)
+}
+
+/// Connections the daemon refused on `ingress` for `reason` so far.
+pub fn refused_count(api: &ApiClient, ingress: &str, reason: &str) -> u64 {
+    let ingress = format!("ingress=\"{ingress}\"");
+    let reason = format!("reason=\"{reason}\"");
+    metric(
+        api,
+        "ingressd_connections_refused_total",
+        &[&ingress, &reason],
+    ) as u64
+}
+
+/// Connections the daemon accepted on `ingress` so far.
+pub fn accepted_count(api: &ApiClient, ingress: &str) -> u64 {
+    let ingress = format!("ingress=\"{ingress}\"");
+    metric(api, "ingressd_connections_accepted_total", &[&ingress]) as u64
+}
+
+/// Connections the daemon routed on `ingress` (they became flows) so far.
+pub fn routed_count(api: &ApiClient, ingress: &str) -> u64 {
+    let ingress = format!("ingress=\"{ingress}\"");
+    metric(api, "ingressd_connections_routed_total", &[&ingress]) as u64
+}
+
+/// Waits until `count` reaches `want` (a refusal is counted just after the client sees the
+/// close); fails the test with `what` and the last value after `limit`.
+pub fn wait_for_count(what: &str, limit: Duration, want: u64, mut count: impl FnMut() -> u64) {
+    let mut last = 0;
+    ingress_tests::process::wait_until(what, limit, || {
+        last = count();
+        Ok((last >= want).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{what}: {last}, expected {want}: {e}"));
 }
