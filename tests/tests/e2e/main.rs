@@ -12,6 +12,7 @@ mod common;
 mod daemon;
 mod dns;
 mod guest;
+mod handshakes;
 mod harness;
 mod refusals;
 mod routing;
