@@ -14,5 +14,6 @@ mod dns;
 mod guest;
 mod handshakes;
 mod harness;
+mod proxy_protocol;
 mod refusals;
 mod routing;
