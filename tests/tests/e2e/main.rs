@@ -14,6 +14,7 @@ mod dns;
 mod guest;
 mod handshakes;
 mod harness;
+mod postgres_direct;
 mod proxy_protocol;
 mod refusals;
 mod routing;
