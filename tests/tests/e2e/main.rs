@@ -10,6 +10,7 @@
 mod clients;
 mod common;
 mod daemon;
+mod default_target;
 mod dns;
 mod guest;
 mod handshakes;
