@@ -13,7 +13,9 @@ use ingress_tests::{
 };
 use serde_json::json;
 
-use crate::common::{create_ingress, kernel_daemon, rule, wait_closed};
+use crate::common::{
+    create_ingress, kernel_daemon, refused_count, rule, wait_closed, wait_for_count,
+};
 
 /// Completes a TLS handshake through `ingress` for `sni`; returns which of `servers` (all
 /// with a certificate for `sni`) the daemon routed it to, or `None` when it was refused.
@@ -158,10 +160,13 @@ fn captures_take_one_label_and_metadata_or_api_addresses_are_refused() {
         route_once(ingress.addr(), "a.example.test", &pki, &[&server]),
         Some(0)
     );
-    for (addr, sni) in [
-        (ingress.addr(), "meta.example.test"),
-        (api_ingress.addr(), "api.api.test"),
+    // The metadata address (link-local) and the API's own address: refused by the backend
+    // policy, and counted as such.
+    for (name, addr, sni) in [
+        ("policy", ingress.addr(), "meta.example.test"),
+        ("to-api", api_ingress.addr(), "api.api.test"),
     ] {
+        let before = refused_count(&api, name, "backend_not_allowed");
         let mut stream = std::net::TcpStream::connect(addr).unwrap();
         std::io::Write::write_all(&mut stream, &client_hello(sni, &[]).unwrap()).unwrap();
         let (_, took, got) = wait_closed(stream, Duration::from_secs(10));
@@ -169,6 +174,12 @@ fn captures_take_one_label_and_metadata_or_api_addresses_are_refused() {
             got.is_empty() && took < Duration::from_secs(3),
             "{sni}: {took:?}, {} bytes",
             got.len()
+        );
+        wait_for_count(
+            &format!("{sni}: refusals for backend_not_allowed"),
+            Duration::from_secs(5),
+            before + 1,
+            || refused_count(&api, name, "backend_not_allowed"),
         );
     }
 }
