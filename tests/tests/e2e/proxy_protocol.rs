@@ -6,6 +6,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    panic::AssertUnwindSafe,
     sync::{Arc, mpsc},
     time::Duration,
 };
@@ -38,20 +39,46 @@ struct Seen {
 /// A backend that reads a PROXY header (either version) on every connection, then, if
 /// `postgres`, an SSLRequest it answers with `S`; then reports the next five bytes and echoes
 /// everything from them on.
-fn header_backend(ip: Ipv4Addr, postgres: bool) -> (SocketAddr, mpsc::Receiver<Seen>) {
+/// A failed check on the backend's side reaches the test as an `Err` with its message.
+fn header_backend(ip: Ipv4Addr, postgres: bool) -> (SocketAddr, Backend) {
     let listener = TcpListener::bind((ip, 0)).unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             let tx = tx.clone();
-            std::thread::spawn(move || serve(stream, postgres, &tx));
+            std::thread::spawn(move || {
+                let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    serve(stream, postgres, &tx);
+                }));
+                if let Err(panic) = served {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default();
+                    let _ = tx.send(Err(message));
+                }
+            });
         }
     });
-    (addr, rx)
+    (addr, Backend(rx))
 }
 
-fn serve(mut stream: TcpStream, postgres: bool, tx: &mpsc::Sender<Seen>) {
+/// What the header backend reports, connection by connection.
+struct Backend(mpsc::Receiver<Result<Seen, String>>);
+
+impl Backend {
+    /// The next connection's report; fails the test if the backend's checks failed.
+    fn next(&self) -> Seen {
+        self.0
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the backend saw a connection")
+            .unwrap_or_else(|e| panic!("the backend: {e}"))
+    }
+}
+
+fn serve(mut stream: TcpStream, postgres: bool, tx: &mpsc::Sender<Result<Seen, String>>) {
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
@@ -66,14 +93,13 @@ fn serve(mut stream: TcpStream, postgres: bool, tx: &mpsc::Sender<Seen>) {
     }
     let mut next = [0u8; 5];
     stream.read_exact(&mut next).unwrap();
-    tx.send(Seen {
+    let _ = tx.send(Ok(Seen {
         version,
         source,
         destination,
         ssl_request,
         next,
-    })
-    .unwrap();
+    }));
     if stream.write_all(&next).is_err() {
         return;
     }
@@ -199,7 +225,7 @@ fn proxy_headers_carry_the_client_and_listener_addresses_in_both_modes() {
         let mut back = [0u8; 14];
         tls.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"hello, backend");
-        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        let got = seen.next();
         assert_eq!(got.version, version, "{sni}");
         assert_eq!(
             &got.next, b"hello",
@@ -211,7 +237,7 @@ fn proxy_headers_carry_the_client_and_listener_addresses_in_both_modes() {
         let sni = format!("p{version}.example.test");
         let mut tcp = connect_from(next_loopback(), listener);
         tcp.write_all(&client_hello(&sni, &[]).unwrap()).unwrap();
-        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        let got = seen.next();
         assert_eq!(got.version, version, "{sni}");
         assert_eq!(
             got.next[0], 0x16,
@@ -254,7 +280,7 @@ fn a_postgres_passthrough_rule_sends_the_proxy_header_before_the_replayed_ssl_re
         tcp.read_exact(&mut answer).unwrap();
         assert_eq!(&answer, b"S");
         tcp.write_all(&client_hello(&sni, &[]).unwrap()).unwrap();
-        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        let got = seen.next();
         assert_eq!(got.version, version, "{sni}");
         assert!(got.ssl_request, "{sni}: header, then SSLRequest");
         assert_eq!(got.next[0], 0x16, "{sni}: then the ClientHello");
@@ -265,7 +291,7 @@ fn a_postgres_passthrough_rule_sends_the_proxy_header_before_the_replayed_ssl_re
         let mut tcp = connect_from(next_loopback(), listener);
         tcp.write_all(&client_hello(&sni, &[b"postgresql"]).unwrap())
             .unwrap();
-        let got = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        let got = seen.next();
         assert_eq!(got.version, version, "{sni} direct");
         assert!(got.ssl_request, "{sni} direct: header, then SSLRequest");
         assert_eq!(got.next[0], 0x16, "{sni} direct: then the ClientHello");
