@@ -156,6 +156,25 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(io("fsync", dir))
 }
 
+/// Creates `dir` and any missing parents; after each directory it creates, fsyncs the parent
+/// that now names it, so a crash cannot lose a directory a record was then written into.
+fn create_dir_durably(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_durably(parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        // Created meanwhile by someone else, who is responsible for its durability.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(io("creating", dir)(e)),
+    }
+}
+
 /// Replaces `dir/name` with `bytes`: a temporary file in `dir`, fsynced, renamed over the
 /// target, then `dir` fsynced, so a crash leaves the old or the new file, never a torn one.
 fn write_durably(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
@@ -185,8 +204,7 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         for kind in Kind::ALL {
-            let dir = root.join(kind.dir());
-            std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+            create_dir_durably(&root.join(kind.dir()))?;
         }
         Ok(Self { root })
     }
@@ -352,6 +370,27 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.join("instances")).unwrap().collect();
         assert_eq!(names.len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn open_creates_missing_parents_and_reopens() {
+        let top = std::env::temp_dir().join(format!(
+            "ingressd-store-nested-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let root = top.join("a").join("b");
+        let store = Store::open(&root).unwrap();
+        for kind in Kind::ALL {
+            assert!(root.join(kind.dir()).is_dir(), "{}", kind.dir());
+        }
+        store.put(Kind::Instance, "x", &Rec { a: 1 }).unwrap();
+        let again = Store::open(&root).unwrap();
+        assert_eq!(
+            again.load_all::<Rec>(Kind::Instance).0,
+            vec![("x".into(), Rec { a: 1 })]
+        );
+        std::fs::remove_dir_all(top).unwrap();
     }
 
     #[test]
