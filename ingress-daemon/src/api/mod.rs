@@ -5,11 +5,13 @@
 //! [`serve`]. Unknown routes and wrong methods get the API's JSON error shape; an outer
 //! middleware enforces the bearer token (constant-time compare) on everything except
 //! `/healthz`, `/readyz` and `/metrics`. The OpenAPI document is derived from the handlers'
-//! `#[utoipa::path]` attributes, and a test checks it against the served routes.
+//! `#[utoipa::path]` attributes; routes are added only through the route table (`routes`), which
+//! records them, and a test checks the document against that record and probes the router.
 pub mod error;
 mod ingresses;
 mod observe;
 mod resources;
+mod routes;
 
 pub use observe::{ByteCounts, FlowEntry, FlowList, Observe};
 
@@ -20,7 +22,6 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use subtle::ConstantTimeEq as _;
@@ -30,6 +31,7 @@ use crate::config::ApiToken;
 use crate::control::{ControlPlane, ControlStatus};
 use crate::error::{ApiError, ErrorCode};
 use error::ErrorBody;
+use routes::{Routes, Verb};
 
 /// Paths that never need the bearer token.
 pub const PUBLIC_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
@@ -219,44 +221,41 @@ async fn authenticate(State(s): State<AppState>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
+/// Every operation of the API on its handler; the only place routes are added.
+fn route_table() -> Routes {
+    use Verb::{Delete, Get, Post, Put};
+    Routes::new()
+        .op(Get, "/tcp-ingresses", ingresses::list)
+        .op(Post, "/tcp-ingresses", ingresses::create)
+        .op(Get, "/tcp-ingresses/{id}", ingresses::get)
+        .op(Put, "/tcp-ingresses/{id}", ingresses::replace)
+        .op(Delete, "/tcp-ingresses/{id}", ingresses::delete)
+        .op(Put, "/port-claims/{port}", resources::put_claim)
+        .op(Delete, "/port-claims/{port}", resources::delete_claim)
+        .op(Get, "/ports", resources::ports)
+        .op(Get, "/instances", resources::list_instances)
+        .op(Get, "/instances/{name}", resources::get_instance)
+        .op(Put, "/instances/{name}", resources::put_instance)
+        .op(Delete, "/instances/{name}", resources::delete_instance)
+        .op(Get, "/certificates", resources::list_certificates)
+        .op(Post, "/certificates", resources::create_certificate)
+        .op(Get, "/certificates/{name}", resources::get_certificate)
+        .op(
+            Delete,
+            "/certificates/{name}",
+            resources::delete_certificate,
+        )
+        .op(Get, "/healthz", healthz)
+        .op(Get, "/readyz", readyz)
+        .op(Get, "/openapi.json", openapi_json)
+        .op(Get, "/metrics", observe::metrics)
+        .op(Get, "/flows", observe::flows)
+}
+
 /// The whole API router.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route(
-            "/tcp-ingresses",
-            get(ingresses::list).post(ingresses::create),
-        )
-        .route(
-            "/tcp-ingresses/{id}",
-            get(ingresses::get)
-                .put(ingresses::replace)
-                .delete(ingresses::delete),
-        )
-        .route(
-            "/port-claims/{port}",
-            axum::routing::put(resources::put_claim).delete(resources::delete_claim),
-        )
-        .route("/ports", get(resources::ports))
-        .route("/instances", get(resources::list_instances))
-        .route(
-            "/instances/{name}",
-            get(resources::get_instance)
-                .put(resources::put_instance)
-                .delete(resources::delete_instance),
-        )
-        .route(
-            "/certificates",
-            get(resources::list_certificates).post(resources::create_certificate),
-        )
-        .route(
-            "/certificates/{name}",
-            get(resources::get_certificate).delete(resources::delete_certificate),
-        )
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi_json))
-        .route("/metrics", get(observe::metrics))
-        .route("/flows", get(observe::flows))
+    route_table()
+        .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
