@@ -2,7 +2,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser as _;
 use ingress_daemon::access_log::AccessLog;
 use ingress_daemon::cli::{Cli, Command};
 use ingress_daemon::config::{Config, EXIT_CONFIG};
@@ -30,7 +29,17 @@ fn engine_config(config: &Config) -> splice::EngineConfig {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(rejected) => {
+            if rejected.to_stdout {
+                print!("{}", rejected.text);
+            } else {
+                eprint!("{}", rejected.text);
+            }
+            return ExitCode::from(rejected.exit_code);
+        }
+    };
     if let Some(Command::Ctl(args)) = cli.command {
         return match ctl::run(args) {
             Ok(out) => {

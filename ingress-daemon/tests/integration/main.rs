@@ -5,7 +5,9 @@
 
 mod api_http;
 mod common;
+mod config_sources;
 mod dns;
+mod ingressd;
 mod live_change;
 mod observability;
 mod restart;

@@ -1,88 +1,11 @@
 //! The real `ingressd` binary: configuration errors, `ctl`, and recovery after `kill -9`.
-use std::io::BufRead as _;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use ingress_daemon::ctl::ApiClient;
 use serde_json::json;
 
 use crate::common::{TempDir, accepts, cert_pem, free_port, wait_for};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ingressd");
-
-/// A running `ingressd` child process, killed (by PID, through its handle) on drop.
-struct Daemon {
-    child: Child,
-    api: String,
-}
-
-impl Daemon {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .env_clear()
-            .env("INGRESSD_DATA_DIR", data_dir)
-            .env("INGRESSD_API_LISTEN", "127.0.0.1:0")
-            .env("INGRESSD_LISTEN_ADDR", "127.0.0.1")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[ingressd] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let api = wait_for("the api listening line", Duration::from_secs(30), || {
-            let line = rx.recv_timeout(Duration::from_millis(100)).ok()?;
-            if !line.contains("api listening") {
-                return None;
-            }
-            let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
-            Some(addr.to_owned())
-        });
-        Self { child, api }
-    }
-
-    fn client(&self) -> ApiClient {
-        ApiClient::new(self.api.clone(), None)
-    }
-
-    fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN)
-            .env_clear()
-            .arg("ctl")
-            .arg("--api")
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::ingressd::{BIN, Daemon};
 
 #[test]
 fn bad_configuration_exits_64_with_one_line() {
