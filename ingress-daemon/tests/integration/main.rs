@@ -6,6 +6,7 @@
 mod api_http;
 mod common;
 mod config_sources;
+mod ctl;
 mod dns;
 mod ingressd;
 mod live_change;
