@@ -209,6 +209,10 @@ impl ControlPlane {
 
     /// Replaces an ingress's spec (its name stays); swaps the routing table atomically and
     /// rebinds only if the port changed (or the listener was not bound).
+    ///
+    /// Everything that can fail comes first — checks, binding the new port, writing the
+    /// record, starting the new listener (the record is put back if that fails) — so a failed
+    /// replace leaves the old record, table and listener as they were.
     pub async fn replace_ingress(
         &self,
         key: &str,
@@ -246,13 +250,22 @@ impl ControlPlane {
         let Some(entry) = state.ingresses.get_mut(&id) else {
             return Err(ApiError::internal("tcp ingress vanished during replace"));
         };
-        entry.routes.store(Arc::new(table));
-        entry.ingress = ingress.clone();
         if let Some(bound) = bound {
-            let routes = entry.routes.clone();
+            // The new listener serves a table of its own until the start succeeds: the old
+            // listener, if any, keeps the old one meanwhile.
+            let routes = Arc::new(ArcSwap::from_pointee(table));
+            if let Err(e) = self.start_listener(&ingress, &routes, bound).await {
+                if let Err(undo) = self.store.put(Kind::TcpIngress, &id, &old) {
+                    tracing::error!(%id, error = %undo, "cannot restore the record of a failed replace");
+                }
+                return Err(e);
+            }
+            entry.routes = routes;
             entry.bind_error = None;
-            self.start_listener(&ingress, &routes, bound).await?;
+        } else {
+            entry.routes.store(Arc::new(table));
         }
+        entry.ingress = ingress.clone();
         tracing::info!(%id, name = %ingress.name, port = ingress.listen_port, "tcp ingress replaced");
         Ok(ingress)
     }

@@ -252,3 +252,33 @@ pub fn assert_error(resp: &HttpResponse, status: u16, code: &str, message: &str)
         resp.text()
     );
 }
+
+/// The bytes of a real ClientHello (rustls) for `sni` (an IP literal sends no SNI).
+pub fn client_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// Sends a ClientHello for `sni` and a payload to 127.0.0.1:`port`, where an ingress passes
+/// `sni` through to an echo server; true when the same bytes come back.
+pub fn echoes(port: u16, sni: &str) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sent = client_hello(sni, &[]);
+    sent.extend((0..4096).map(|i| (i % 251) as u8));
+    if s.write_all(&sent).is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; sent.len()];
+    s.read_exact(&mut back).is_ok() && back == sent
+}

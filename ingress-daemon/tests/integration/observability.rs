@@ -15,7 +15,7 @@ use std::time::Duration;
 use ingress_daemon::ctl::ApiClient;
 use serde_json::{Value, json};
 
-use crate::common::{TempDir, echo_server, free_port, wait_for};
+use crate::common::{TempDir, client_hello, echo_server, free_port, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ingressd");
 const WAIT: Duration = Duration::from_secs(20);
@@ -196,19 +196,6 @@ fn cert(name: &str) -> Cert {
         key_pem: ck.key_pair.serialize_pem(),
         der: ck.cert.der().clone(),
     }
-}
-
-/// The bytes of a real ClientHello (rustls) for `sni` (an IP literal sends no SNI).
-fn client_hello(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 fn connect(port: u16) -> TcpStream {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{TempDir, accepts, cert_pem, free_port, wait_for};
+use crate::common::{TempDir, accepts, cert_pem, echo_server, echoes, free_port, wait_for};
 use crate::ingressd::{BIN, Daemon};
 
 #[test]
@@ -269,4 +269,81 @@ fn sigterm_closes_listeners_and_exits_cleanly() {
     });
     assert_eq!(status.code(), Some(0));
     assert!(!accepts(port));
+}
+
+/// A passthrough ingress body: `sni` to the echo server on `echo`.
+fn passthrough(name: &str, port: u16, sni: &str, echo: u16) -> serde_json::Value {
+    json!({"name": name, "listen_port": port, "rules": [{"match": {"sni": sni},
+        "target": {"instance": "echo", "port": echo}, "mode": "passthrough"}]})
+}
+
+#[test]
+fn a_replace_onto_a_taken_port_changes_nothing() {
+    let dir = TempDir::new("replace-taken");
+    let echo = echo_server();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    d.ctl(&["instance", "put", "echo", "127.0.0.1"]);
+    let port = free_port();
+    let created = c
+        .call(
+            "POST",
+            "/tcp-ingresses",
+            Some(&passthrough("x", port, "a.example.com", echo)),
+        )
+        .unwrap()
+        .json();
+    let id = created["id"].as_str().unwrap();
+    let record = dir.path().join(format!("tcp-ingresses/{id}.json"));
+    let stored = std::fs::read(&record).unwrap();
+
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().port();
+    let resp = c
+        .send(
+            "PUT",
+            "/tcp-ingresses/x",
+            &[("Content-Type", "application/json")],
+            Some(
+                passthrough("x", taken, "b.example.com", echo)
+                    .to_string()
+                    .as_bytes(),
+            ),
+        )
+        .unwrap();
+    let body = resp.json();
+    assert_eq!(
+        (resp.status, &body["code"]),
+        (409, &json!("port_in_use")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().starts_with(&format!(
+            "listen_port: 127.0.0.1:{taken} is already in use by "
+        )),
+        "{body}"
+    );
+
+    // The old ingress: same record in memory and on disk, same listener, same table.
+    assert_eq!(
+        c.call("GET", "/tcp-ingresses/x", None).unwrap().json(),
+        created
+    );
+    assert_eq!(std::fs::read(&record).unwrap(), stored);
+    assert!(echoes(port, "a.example.com"));
+    assert!(!echoes(port, "b.example.com"));
+    let ready = c.send("GET", "/readyz", &[], None).unwrap().json();
+    assert_eq!(ready["status"], json!("ready"), "{ready}");
+
+    // And after a restart.
+    d.kill9();
+    drop(squatter);
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    assert_eq!(
+        c.call("GET", "/tcp-ingresses/x", None).unwrap().json(),
+        created
+    );
+    assert!(echoes(port, "a.example.com"));
+    assert!(!accepts(taken));
 }
