@@ -278,6 +278,110 @@ fn passthrough(name: &str, port: u16, sni: &str, echo: u16) -> serde_json::Value
 }
 
 #[test]
+fn an_ingress_whose_port_is_taken_at_start_is_reported_and_kept() {
+    let dir = TempDir::new("taken");
+    let echo = echo_server();
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    d.ctl(&["instance", "put", "echo", "127.0.0.1"]);
+    let (taken, open) = (free_port(), free_port());
+    let blocked = c
+        .call(
+            "POST",
+            "/tcp-ingresses",
+            Some(&passthrough("blocked", taken, "blocked.example.com", echo)),
+        )
+        .unwrap()
+        .json();
+    c.call(
+        "POST",
+        "/tcp-ingresses",
+        Some(&passthrough("open", open, "open.example.com", echo)),
+    )
+    .unwrap();
+    assert!(echoes(taken, "blocked.example.com") && echoes(open, "open.example.com"));
+    d.kill9();
+
+    // Another process takes the port before the daemon comes back.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", taken)).unwrap();
+    let id = blocked["id"].as_str().unwrap();
+    let record = dir.path().join(format!("tcp-ingresses/{id}.json"));
+    let stored = std::fs::read(&record).unwrap();
+
+    let d = Daemon::start(dir.path());
+    let c = d.client();
+    assert_eq!(c.call("GET", "/healthz", None).unwrap().status, 200);
+    let ready = c.send("GET", "/readyz", &[], None).unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let ready = ready.json();
+    assert_eq!(ready["status"], json!("degraded"), "{ready}");
+    assert_eq!(ready["failed_records"], json!([]), "{ready}");
+    let unbound = ready["unbound"].as_array().unwrap();
+    assert_eq!(unbound.len(), 1, "{ready}");
+    assert_eq!(
+        (
+            &unbound[0]["ingress_id"],
+            &unbound[0]["name"],
+            &unbound[0]["listen_port"]
+        ),
+        (&json!(id), &json!("blocked"), &json!(taken))
+    );
+    let error = unbound[0]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("127.0.0.1:{taken} is already in use by "))
+            && error.ends_with(&format!("(pid {})", std::process::id())),
+        "{error}"
+    );
+    let listeners = ready["listeners"].as_array().unwrap();
+    assert_eq!(listeners.len(), 1, "{ready}");
+
+    // The other ingress works; the record is still served and still on disk, untouched; the
+    // port stays with the process that took it.
+    assert!(echoes(open, "open.example.com"));
+    assert_eq!(
+        c.call("GET", "/tcp-ingresses/blocked", None)
+            .unwrap()
+            .json(),
+        blocked
+    );
+    let ports = c.call("GET", "/ports", None).unwrap().json();
+    let bound = |name: &str| {
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["owner"] == name)
+            .unwrap()["bound"]
+            .clone()
+    };
+    assert_eq!(
+        (bound("blocked"), bound("open")),
+        (json!(false), json!(true))
+    );
+    assert_eq!(std::fs::read(&record).unwrap(), stored);
+    let probe = std::net::TcpStream::connect(("127.0.0.1", taken)).unwrap();
+    let (_, from) = squatter.accept().unwrap();
+    assert_eq!(from, probe.local_addr().unwrap());
+
+    // Once the port is free, replacing the ingress with the same spec binds it.
+    drop((probe, squatter));
+    let replaced = c
+        .call(
+            "PUT",
+            "/tcp-ingresses/blocked",
+            Some(&passthrough("blocked", taken, "blocked.example.com", echo)),
+        )
+        .unwrap();
+    assert_eq!(replaced.status, 200);
+    assert!(echoes(taken, "blocked.example.com"));
+    let ready = c.send("GET", "/readyz", &[], None).unwrap().json();
+    assert_eq!(
+        (&ready["status"], &ready["unbound"]),
+        (&json!("ready"), &json!([]))
+    );
+}
+
+#[test]
 fn a_replace_onto_a_taken_port_changes_nothing() {
     let dir = TempDir::new("replace-taken");
     let echo = echo_server();
