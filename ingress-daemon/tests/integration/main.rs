@@ -1,5 +1,5 @@
-//! Integration tests for the control plane: the API over real HTTP, live changes with real
-//! flows, and restarts of the real `ingressd` binary.
+//! Integration tests for the control plane: the API over real HTTP, routing-table swaps, the
+//! real `ingressd` binary's configuration sources, `ctl`, and restarts.
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests may unwrap")]
 

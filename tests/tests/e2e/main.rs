@@ -15,6 +15,7 @@ mod dns;
 mod guest;
 mod handshakes;
 mod harness;
+mod live_change;
 mod postgres_direct;
 mod proxy_protocol;
 mod refusals;
