@@ -111,6 +111,12 @@ struct Dir {
 /// to the low-water mark and nothing is held back, it restores the clamp and sends the window
 /// update itself (`TCP_QUICKACK`). The next skb finds nothing held back and is redirected.
 ///
+/// While the window is held the relay is paced: it reads passed bytes only while the
+/// destination holds at most half the low-water mark. Relaying at the destination's full pace
+/// would keep its send queue full, so the bytes in flight would never fall to the low mark the
+/// gate reopens at, and the flow would stay on the relay for as long as its sender outpaces its
+/// receiver; paced, the destination drains and the verdict finds room to redirect again.
+///
 /// The receive buffer must not be shrunk instead: passed skbs are charged to it, and when the
 /// charge fails the kernel parks them on the psock backlog, out of the relay's reach until
 /// memory frees up (a deadlock while the relay waits for them; duplicated bytes were seen on
@@ -395,11 +401,15 @@ impl Flow {
             let limit = match kernel {
                 Some((flow, path)) => {
                     self.hand_back(d, &flow, path)?;
-                    let available = path
-                        .dir(flow.dirs[d])
-                        .passed()
-                        .saturating_sub(self.dirs[d].read);
+                    let view = path.dir(flow.dirs[d]);
+                    let available = view.passed().saturating_sub(self.dirs[d].read);
                     if available == 0 {
+                        return Ok(());
+                    }
+                    if matches!(self.dirs[d].handback, Handback::Holding { .. })
+                        && self.in_flight(d, &view)? > view.low_water() / 2
+                    {
+                        // Paced while held (see `Handback`): the timer looks again.
                         return Ok(());
                     }
                     usize::try_from(available).unwrap_or(usize::MAX)
@@ -453,16 +463,10 @@ impl Flow {
                 clamp,
                 reverse_seen,
             } => {
-                let dir = &self.dirs[d];
-                if dir.read < view.passed() {
+                if self.dirs[d].read < view.passed() {
                     return Ok(());
                 }
-                let delivered = sys::tcp_counters(self.socks[dst].as_fd())
-                    .map_err(|e| (dst, e))?
-                    .bytes_acked
-                    .saturating_sub(view.acked_base());
-                let in_flight = (view.redirected() + dir.relayed).saturating_sub(delivered);
-                if in_flight <= view.low_water() || dir.fin_seen {
+                if self.dirs[d].fin_seen || self.in_flight(d, &view)? <= view.low_water() {
                     let fd = self.socks[src].as_fd();
                     sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
                     // The sender must hear that the window opened, or it waits for its persist
@@ -480,6 +484,17 @@ impl Flow {
             }
         }
         Ok(())
+    }
+
+    /// Bytes of direction `d` written toward the destination (redirected or relayed) that its
+    /// receiver has not acknowledged yet.
+    fn in_flight(&self, d: usize, view: &DirView<'_>) -> Result<u64, Failure> {
+        let dst = 1 - d;
+        let delivered = sys::tcp_counters(self.socks[dst].as_fd())
+            .map_err(|e| (dst, e))?
+            .bytes_acked
+            .saturating_sub(view.acked_base());
+        Ok((view.redirected() + self.dirs[d].relayed).saturating_sub(delivered))
     }
 
     /// Bytes direction `d` has moved (kernel and relay).
