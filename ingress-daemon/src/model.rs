@@ -82,6 +82,83 @@ pub struct Rule {
     /// PROXY protocol header to the backend, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// ALPN protocol names the daemon offers when it terminates TLS, in server preference order
+    /// (terminate mode only). Absent: none for `tls`, `["postgresql"]` for `postgres`, which a
+    /// configured list must contain. A client that offers ALPN and none of these names fails
+    /// the handshake (`no_application_protocol`); a client that offers none is served without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = alpn_schema)]
+    pub alpn: Option<Vec<String>>,
+}
+
+/// The schema of [`Rule::alpn`]: 1–8 names, each 1–255 bytes of printable ASCII.
+fn alpn_schema() -> utoipa::openapi::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    let name = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(255))
+        .pattern(Some("^[\\x20-\\x7e]+$"));
+    ArrayBuilder::new()
+        .items(name)
+        .min_items(Some(1))
+        .max_items(Some(MAX_ALPN_NAMES))
+        .unique_items(true)
+        .description(Some(
+            "ALPN protocol names offered when the daemon terminates TLS, in server preference \
+             order (terminate mode only). Absent: none for `tls`, `[\"postgresql\"]` for \
+             `postgres`, which a configured list must contain.",
+        ))
+        .examples([serde_json::json!(["h2", "http/1.1"])])
+        .build()
+}
+
+/// Most ALPN names a rule may offer.
+pub const MAX_ALPN_NAMES: usize = 8;
+
+/// The ALPN name a Postgres rule offers by default and must offer when it lists its own.
+pub const POSTGRES_ALPN: &str = "postgresql";
+
+impl Rule {
+    /// The ALPN names offered when this rule terminates TLS, in preference order.
+    pub fn effective_alpn(&self) -> Vec<Vec<u8>> {
+        match (&self.alpn, self.protocol) {
+            (Some(names), _) => names.iter().map(|n| n.as_bytes().to_vec()).collect(),
+            (None, Protocol::Postgres) => vec![POSTGRES_ALPN.as_bytes().to_vec()],
+            (None, Protocol::Tls) => Vec::new(),
+        }
+    }
+
+    fn validate_alpn(&self, i: usize) -> Result<(), ApiError> {
+        let Some(names) = &self.alpn else {
+            return Ok(());
+        };
+        let field = format!("rules[{i}].alpn");
+        let refuse = |m: String| Err(ApiError::bad_request(format!("{field}{m}")));
+        if self.mode == Mode::Passthrough {
+            return refuse(
+                ": only a terminate rule negotiates ALPN; remove it from a passthrough rule".into(),
+            );
+        }
+        if names.is_empty() || names.len() > MAX_ALPN_NAMES {
+            return refuse(format!(": must list 1-{MAX_ALPN_NAMES} protocol names"));
+        }
+        for (j, name) in names.iter().enumerate() {
+            if name.is_empty()
+                || name.len() > 255
+                || !name.bytes().all(|b| (0x20..=0x7e).contains(&b))
+            {
+                return refuse(format!("[{j}]: must be 1-255 bytes of printable ASCII"));
+            }
+            if names.get(..j).is_some_and(|seen| seen.contains(name)) {
+                return refuse(format!("[{j}]: {name:?} is listed twice"));
+            }
+        }
+        if self.protocol == Protocol::Postgres && !names.iter().any(|n| n == POSTGRES_ALPN) {
+            return refuse(format!(": a postgres rule must offer {POSTGRES_ALPN:?}"));
+        }
+        Ok(())
+    }
 }
 
 /// Where connections without SNI or with an unmatched SNI go; always passthrough.
@@ -337,6 +414,7 @@ impl IngressSpec {
                 validate_name(&format!("rules[{i}].target.instance"), name)?;
             }
             validate_port(&format!("rules[{i}].target.port"), rule.target.port)?;
+            rule.validate_alpn(i)?;
             if let Some((j, other)) = checked.iter().enumerate().find(|(_, c)| {
                 c.pattern.is_exact() == pattern.is_exact() && c.pattern.overlaps(&pattern)
             }) {
@@ -469,6 +547,107 @@ mod tests {
         }
         // An exact hostname may sit beside a pattern that also matches it: exact wins.
         check(vec![rule("a.x.com", "i"), rule("{b}.x.com", "j-{b}")]).unwrap();
+    }
+
+    #[test]
+    fn alpn_defaults_by_protocol_and_is_checked() {
+        let with = |mode: &str, protocol: &str, alpn: serde_json::Value| {
+            let mut r = rule("a.b", "c");
+            r["mode"] = mode.into();
+            r["protocol"] = protocol.into();
+            if !alpn.is_null() {
+                r["alpn"] = alpn;
+            }
+            check(vec![r])
+        };
+        let ok =
+            |mode, protocol, alpn| with(mode, protocol, alpn).unwrap().rules[0].effective_alpn();
+        let names = |n: &[&str]| n.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert_eq!(ok("terminate", "tls", serde_json::Value::Null), names(&[]));
+        assert_eq!(
+            ok("terminate", "postgres", serde_json::Value::Null),
+            names(&["postgresql"])
+        );
+        assert_eq!(
+            ok("terminate", "tls", serde_json::json!(["h2", "http/1.1"])),
+            names(&["h2", "http/1.1"])
+        );
+        assert_eq!(
+            ok(
+                "terminate",
+                "postgres",
+                serde_json::json!(["x", "postgresql"])
+            ),
+            names(&["x", "postgresql"])
+        );
+        assert_eq!(
+            ok("passthrough", "tls", serde_json::Value::Null),
+            names(&[])
+        );
+        let eight: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+        ok("terminate", "tls", serde_json::json!(eight));
+        ok(
+            "terminate",
+            "tls",
+            serde_json::json!(["x".repeat(255), " ~"]),
+        );
+        let cases = [
+            (
+                "passthrough",
+                "tls",
+                serde_json::json!(["h2"]),
+                "rules[0].alpn: only a terminate rule negotiates ALPN; remove it from a passthrough rule",
+            ),
+            (
+                "terminate",
+                "tls",
+                serde_json::json!([]),
+                "rules[0].alpn: must list 1-8 protocol names",
+            ),
+            (
+                "terminate",
+                "tls",
+                serde_json::json!(["1", "2", "3", "4", "5", "6", "7", "8", "9"]),
+                "rules[0].alpn: must list 1-8 protocol names",
+            ),
+            (
+                "terminate",
+                "tls",
+                serde_json::json!([""]),
+                "rules[0].alpn[0]: must be 1-255 bytes of printable ASCII",
+            ),
+            (
+                "terminate",
+                "tls",
+                serde_json::json!(["h2", "x".repeat(256)]),
+                "rules[0].alpn[1]: must be 1-255 bytes of printable ASCII",
+            ),
+            (
+                "terminate",
+                "tls",
+                serde_json::json!(["a\tb"]),
+                "rules[0].alpn[0]: must be 1-255 bytes of printable ASCII",
+            ),
+            (
+                "terminate",
+                "tls",
+                serde_json::json!(["h2", "h2"]),
+                "rules[0].alpn[1]: \"h2\" is listed twice",
+            ),
+            (
+                "terminate",
+                "postgres",
+                serde_json::json!(["h2"]),
+                "rules[0].alpn: a postgres rule must offer \"postgresql\"",
+            ),
+        ];
+        for (mode, protocol, alpn, message) in cases {
+            let err = with(mode, protocol, alpn).unwrap_err();
+            assert_eq!(
+                (err.code, err.message.as_str()),
+                (ErrorCode::BadRequest, message)
+            );
+        }
     }
 
     #[test]

@@ -360,3 +360,25 @@ async fn metrics_are_public_and_flows_need_the_token() {
         "bad_request"
     );
 }
+
+#[test]
+fn the_openapi_document_bounds_a_rules_alpn_list() {
+    let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+    let rule = &doc["components"]["schemas"]["Rule"];
+    let alpn = &rule["properties"]["alpn"];
+    assert_eq!(alpn["type"], "array", "{rule}");
+    assert_eq!(
+        (alpn["minItems"].as_u64(), alpn["maxItems"].as_u64()),
+        (Some(1), Some(8))
+    );
+    assert_eq!(alpn["uniqueItems"], true);
+    let name = &alpn["items"];
+    assert_eq!(name["type"], "string");
+    assert_eq!(
+        (name["minLength"].as_u64(), name["maxLength"].as_u64()),
+        (Some(1), Some(255))
+    );
+    assert_eq!(name["pattern"], "^[\\x20-\\x7e]+$");
+    let required = rule["required"].as_array().unwrap();
+    assert!(!required.iter().any(|r| r == "alpn"), "{rule}");
+}

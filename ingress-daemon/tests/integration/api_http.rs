@@ -727,3 +727,110 @@ fn bearer_token_guards_everything_but_health() {
         .unwrap();
     assert_eq!(r.status, 200);
 }
+
+#[test]
+fn alpn_is_stored_as_given_and_each_bad_list_is_refused() {
+    let dir = TempDir::new("api-alpn");
+    let s = Server::start(test_config(dir.path()));
+    s.req(
+        "PUT",
+        "/instances/db",
+        Some(json!({"address": "127.0.0.1"})),
+    );
+    let (cert, key) = cert_pem(&["*.example.com"]);
+    let r = s.req(
+        "POST",
+        "/certificates",
+        Some(json!({"name": "c", "cert_pem": cert, "key_pem": key})),
+    );
+    assert_eq!(r.status, 201);
+    let terminate = |sni: &str, alpn: serde_json::Value| {
+        let mut r = rule(sni, "db", 1);
+        r["mode"] = json!("terminate");
+        if !alpn.is_null() {
+            r["alpn"] = alpn;
+        }
+        r
+    };
+    let p = free_port();
+    let refused = |rule: serde_json::Value, message: &str| {
+        let r = s.req("POST", "/tcp-ingresses", Some(ingress("a", p, vec![rule])));
+        assert_error(&r, 400, "bad_request", message);
+    };
+    let mut passthrough = rule("a.example.com", "db", 1);
+    passthrough["alpn"] = json!(["h2"]);
+    refused(
+        passthrough,
+        "rules[0].alpn: only a terminate rule negotiates ALPN; remove it from a passthrough rule",
+    );
+    refused(
+        terminate("a.example.com", json!([])),
+        "rules[0].alpn: must list 1-8 protocol names",
+    );
+    refused(
+        terminate(
+            "a.example.com",
+            json!(["a", "b", "c", "d", "e", "f", "g", "h", "i"]),
+        ),
+        "rules[0].alpn: must list 1-8 protocol names",
+    );
+    refused(
+        terminate("a.example.com", json!(["h2", ""])),
+        "rules[0].alpn[1]: must be 1-255 bytes of printable ASCII",
+    );
+    refused(
+        terminate("a.example.com", json!(["x".repeat(256)])),
+        "rules[0].alpn[0]: must be 1-255 bytes of printable ASCII",
+    );
+    refused(
+        terminate("a.example.com", json!(["h\u{7f}"])),
+        "rules[0].alpn[0]: must be 1-255 bytes of printable ASCII",
+    );
+    refused(
+        terminate("a.example.com", json!(["h\u{e9}"])),
+        "rules[0].alpn[0]: must be 1-255 bytes of printable ASCII",
+    );
+    refused(
+        terminate("a.example.com", json!(["h2", "http/1.1", "h2"])),
+        "rules[0].alpn[2]: \"h2\" is listed twice",
+    );
+    let mut pg = terminate("a.example.com", json!(["h2"]));
+    pg["protocol"] = json!("postgres");
+    refused(
+        pg,
+        "rules[0].alpn: a postgres rule must offer \"postgresql\"",
+    );
+    // Not a list: the body does not deserialise.
+    let r = s.req(
+        "POST",
+        "/tcp-ingresses",
+        Some(ingress(
+            "a",
+            p,
+            vec![terminate("a.example.com", json!("h2"))],
+        )),
+    );
+    assert_eq!(
+        (r.status, r.json()["code"].clone()),
+        (400, json!("bad_request"))
+    );
+
+    // Accepted lists come back as given; a rule without one has no `alpn` key.
+    let mut pg = terminate("pg.example.com", json!(["postgresql", "x-pg"]));
+    pg["protocol"] = json!("postgres");
+    let name255 = "x".repeat(255);
+    let rules = vec![
+        terminate("a.example.com", json!(["h2", "http/1.1"])),
+        terminate("b.example.com", serde_json::Value::Null),
+        pg,
+        terminate("c.example.com", json!([name255, " ~"])),
+    ];
+    let r = s.req("POST", "/tcp-ingresses", Some(ingress("a", p, rules)));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let body = r.json();
+    assert_eq!(body["rules"][0]["alpn"], json!(["h2", "http/1.1"]));
+    assert!(body["rules"][1].get("alpn").is_none(), "{body}");
+    assert_eq!(body["rules"][2]["alpn"], json!(["postgresql", "x-pg"]));
+    let r = s.req("GET", "/tcp-ingresses/a", None);
+    assert_eq!(r.json()["rules"], body["rules"]);
+}
