@@ -52,6 +52,8 @@ pub struct Route<'a> {
     pub protocol: Protocol,
     /// PROXY protocol header to send, if any.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// ALPN names offered when terminating, in preference order (empty: none).
+    pub alpn: &'a Alpn,
     /// The rule's SNI pattern (for logs), `None` for the default target.
     pub sni_pattern: Option<&'a str>,
     /// The rule's SNI pattern, or `default` for the default target, shared with the table so
@@ -74,7 +76,11 @@ struct Entry {
     mode: Mode,
     protocol: Protocol,
     proxy_protocol: Option<ProxyProtocol>,
+    alpn: Alpn,
 }
+
+/// ALPN names a terminate rule offers, in preference order, shared with the flows that use it.
+pub type Alpn = Arc<[Vec<u8>]>;
 
 #[derive(Debug)]
 struct DefaultEntry {
@@ -84,6 +90,8 @@ struct DefaultEntry {
     port: u16,
     protocol: Protocol,
     proxy_protocol: Option<ProxyProtocol>,
+    /// Never offered (the default target is passthrough); here so a route can borrow it.
+    alpn: Alpn,
 }
 
 /// Patterns of one label count sharing the same literal positions.
@@ -143,6 +151,7 @@ impl RouteTable {
                 mode: rule.mode,
                 protocol: rule.protocol,
                 proxy_protocol: rule.proxy_protocol,
+                alpn: rule.effective_alpn().into(),
             });
         }
         for shapes in &mut table.shapes_by_len {
@@ -154,6 +163,7 @@ impl RouteTable {
             port: d.port,
             protocol: d.protocol,
             proxy_protocol: d.proxy_protocol,
+            alpn: Arc::new([]),
         });
         table.idle_timeout = spec
             .idle_timeout_secs
@@ -244,6 +254,7 @@ impl RouteTable {
             mode: Mode::Passthrough,
             protocol: d.protocol,
             proxy_protocol: d.proxy_protocol,
+            alpn: &d.alpn,
             sni_pattern: None,
             rule_name: &d.rule_name,
             shared_instance: Some(&d.instance),
@@ -297,6 +308,7 @@ impl RouteTable {
             mode: e.mode,
             protocol: e.protocol,
             proxy_protocol: e.proxy_protocol,
+            alpn: &e.alpn,
             sni_pattern: Some(e.pattern.as_str()),
             rule_name: &e.pattern_name,
             shared_instance: e.instance_name.as_ref(),

@@ -291,13 +291,14 @@ async fn route_and_hand_off(
             splice_flow(dp, client, backend, options, conn.take(), slot)
         }
         Mode::Terminate => {
+            let alpn = route.alpn.clone();
             drop(route);
             terminate::run(
                 dp,
                 terminate::Terminated {
                     client,
                     addr,
-                    postgres,
+                    alpn,
                     proxy_header,
                     deadline,
                     slot,

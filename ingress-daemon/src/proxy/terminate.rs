@@ -7,12 +7,14 @@
 //! backend, and a reset or error on one side resets the other (`SO_LINGER {1, 0}`).
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use arc_swap::ArcSwap;
 use rustls::ServerConfig;
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
@@ -28,8 +30,9 @@ use crate::{
     certs::CertStore,
     connect,
     metrics::{FlowPath, IngressMetrics},
-    model::Mode,
+    model::{Mode, POSTGRES_ALPN},
     proxy_protocol::ProxyHeader,
+    route::Alpn,
     splice::FlowEnd,
     sys,
 };
@@ -37,35 +40,62 @@ use crate::{
 /// Relay buffer per direction.
 const RELAY_BUFFER_BYTES: usize = 16 << 10;
 
-/// Server configurations: plain TLS (no ALPN: the backend speaks whatever the client would
-/// have spoken in cleartext) and Postgres (ALPN `postgresql`, which PG17 direct-TLS clients
-/// require).
+/// Server configurations, one per distinct ALPN list, all sharing the certificate resolver.
+///
+/// Plain TLS (no ALPN: the backend speaks whatever the client would have spoken in cleartext)
+/// and Postgres (ALPN `postgresql`, which PG17 direct-TLS clients require) are built up front;
+/// a list a rule configures is built on first use and cached. Lookups read the cache without a
+/// lock; a miss builds the configuration and swaps in a larger map. Lists are bounded by the
+/// rules ever configured, so the cache is never pruned.
 pub(super) struct TlsConfigs {
+    certs: Arc<CertStore>,
     plain: Arc<ServerConfig>,
-    postgres: Arc<ServerConfig>,
+    by_alpn: ArcSwap<HashMap<Box<[Vec<u8>]>, Arc<ServerConfig>>>,
 }
 
 impl TlsConfigs {
     pub(super) fn new(certs: Arc<CertStore>) -> Self {
-        let build = |alpn: Vec<Vec<u8>>| {
-            let mut config = ServerConfig::builder()
-                .with_no_client_auth()
-                .with_cert_resolver(certs.clone());
-            config.alpn_protocols = alpn;
-            Arc::new(config)
-        };
+        let plain = build(&certs, &[]);
+        let postgres: Box<[Vec<u8>]> = Box::new([POSTGRES_ALPN.as_bytes().to_vec()]);
+        let by_alpn = HashMap::from([(postgres.clone(), build(&certs, &postgres))]);
         Self {
-            plain: build(Vec::new()),
-            postgres: build(vec![b"postgresql".to_vec()]),
+            certs,
+            plain,
+            by_alpn: ArcSwap::from_pointee(by_alpn),
         }
     }
+
+    /// The configuration offering `alpn` (in preference order; empty: no ALPN).
+    pub(super) fn get(&self, alpn: &[Vec<u8>]) -> Arc<ServerConfig> {
+        if alpn.is_empty() {
+            return self.plain.clone();
+        }
+        if let Some(config) = self.by_alpn.load().get(alpn) {
+            return config.clone();
+        }
+        let config = build(&self.certs, alpn);
+        self.by_alpn.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            map.entry(alpn.into()).or_insert_with(|| config.clone());
+            map
+        });
+        config
+    }
+}
+
+fn build(certs: &Arc<CertStore>, alpn: &[Vec<u8>]) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
+    config.alpn_protocols = alpn.to_vec();
+    Arc::new(config)
 }
 
 /// A connection to terminate.
 pub(super) struct Terminated {
     pub(super) client: TcpStream,
     pub(super) addr: SocketAddr,
-    pub(super) postgres: bool,
+    pub(super) alpn: Alpn,
     pub(super) proxy_header: Option<ProxyHeader>,
     pub(super) deadline: Instant,
     pub(super) slot: FlowSlot,
@@ -79,18 +109,15 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     let Terminated {
         client,
         addr,
-        postgres,
+        alpn,
         proxy_header,
         deadline,
         slot,
         permit,
         idle_timeout,
     } = t;
-    let config = if postgres {
-        dp.inner.tls.postgres.clone()
-    } else {
-        dp.inner.tls.plain.clone()
-    };
+    let config = dp.inner.tls.get(&alpn);
+    drop(alpn);
     let counters = &conn.counters;
     let hello_at = conn.hello_at;
     let handshake = async {
