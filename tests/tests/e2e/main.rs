@@ -7,6 +7,7 @@
 // The whole binary is test code (helpers included): a panic is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
 
+mod alpn;
 mod clients;
 mod common;
 mod daemon;
