@@ -50,8 +50,11 @@ const RELAY_BUFFER_BYTES: usize = 16 << 10;
 pub(super) struct TlsConfigs {
     certs: Arc<CertStore>,
     plain: Arc<ServerConfig>,
-    by_alpn: ArcSwap<HashMap<Box<[Vec<u8>]>, Arc<ServerConfig>>>,
+    by_alpn: ArcSwap<ConfigsByAlpn>,
 }
+
+/// Server configurations keyed by the ALPN list they offer.
+type ConfigsByAlpn = HashMap<Box<[Vec<u8>]>, Arc<ServerConfig>>;
 
 impl TlsConfigs {
     pub(super) fn new(certs: Arc<CertStore>) -> Self {
