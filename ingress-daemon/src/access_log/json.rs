@@ -5,10 +5,7 @@
 //! formatted once per second ([`Dates`]). The small writers are inlined into the line
 //! writer (a call costs about as much as writing a short value); escaping is out of line.
 
-use std::{
-    io::Write as _,
-    net::{IpAddr, SocketAddr},
-};
+use std::{io::Write as _, net::SocketAddr};
 
 /// `00` to `99`.
 const PAIRS: [[u8; 2]; 100] = {
@@ -111,15 +108,71 @@ fn is_plain(bytes: &[u8]) -> bool {
 
 /// A quoted string, escaped where JSON requires it; bytes that are not UTF-8 are replaced
 /// (U+FFFD).
-#[inline(always)]
-pub(super) fn text(out: &mut Vec<u8>, bytes: &[u8]) {
+#[cfg(test)]
+fn text(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
+    body(out, bytes);
+    out.push(b'"');
+}
+
+/// A string's contents without the quotes, escaped like [`text`].
+#[inline(always)]
+pub(super) fn body(out: &mut Vec<u8>, bytes: &[u8]) {
     if is_plain(bytes) {
         out.extend_from_slice(bytes);
     } else {
         escaped(out, bytes);
     }
-    out.push(b'"');
+}
+
+/// A key and an optional text: `open` (the key and the opening quote), the text and the
+/// closing quote, or `null` (the key and `null`).
+#[inline(always)]
+pub(super) fn field(out: &mut Vec<u8>, open: &[u8], null: &[u8], value: Option<&[u8]>) {
+    match value {
+        Some(value) => {
+            out.extend_from_slice(open);
+            body(out, value);
+            out.push(b'"');
+        }
+        None => out.extend_from_slice(null),
+    }
+}
+
+/// Appends the first `len` bytes of `buf`. The whole buffer is copied and the rest cut off
+/// again: a copy of constant size is a few moves, one of variable size a call to `memcpy`.
+#[inline(always)]
+fn put<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+    out.extend_from_slice(buf);
+    out.truncate(out.len() - (N - len.min(N)));
+}
+
+/// Writes `n` in decimal at `buf[at..]`, returning the end (digits beyond `buf` are lost).
+#[inline(always)]
+fn put_uint(buf: &mut [u8], at: usize, n: u64) -> usize {
+    let mut len = 1;
+    let mut rest = n;
+    while rest >= 100 {
+        rest /= 100;
+        len += 2;
+    }
+    len += usize::from(rest >= 10);
+    let end = at + len;
+    let mut i = end;
+    let mut rest = n;
+    while rest >= 10 {
+        i -= 2;
+        if let Some(dst) = buf.get_mut(i..i + 2) {
+            dst.copy_from_slice(&pair(rest));
+        }
+        rest /= 100;
+    }
+    if i > at
+        && let Some(d) = buf.get_mut(at)
+    {
+        *d = digit(rest);
+    }
+    end
 }
 
 #[cold]
@@ -143,46 +196,10 @@ fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-/// A quoted name the daemon itself defines (`passthrough`, `closed`, ...): nothing to escape.
-#[inline(always)]
-pub(super) fn name(out: &mut Vec<u8>, s: &'static str) {
-    debug_assert!(is_plain(s.as_bytes()), "{s:?}");
-    out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
-    out.push(b'"');
-}
-
 /// A quoted string.
-#[inline(always)]
-pub(super) fn string(out: &mut Vec<u8>, s: &str) {
+#[cfg(test)]
+fn string(out: &mut Vec<u8>, s: &str) {
     text(out, s.as_bytes());
-}
-
-/// A quoted text (see [`text`]) or `null`.
-#[inline(always)]
-pub(super) fn opt_text(out: &mut Vec<u8>, t: Option<&[u8]>) {
-    match t {
-        Some(t) => text(out, t),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
-/// A quoted string or `null`.
-#[inline(always)]
-pub(super) fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => string(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
-/// A quoted name of the daemon's or `null`.
-#[inline(always)]
-pub(super) fn opt_name(out: &mut Vec<u8>, s: Option<&'static str>) {
-    match s {
-        Some(s) => name(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
 }
 
 /// Each byte value in decimal: the number of digits, then the digits.
@@ -208,19 +225,16 @@ const OCTETS: [[u8; 4]; 256] = {
 };
 
 /// A quoted socket address (`1.2.3.4:5`, `[::1]:5`) or `null`.
+#[inline(always)]
 pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
-    let Some(addr) = addr else {
-        out.extend_from_slice(b"null");
-        return;
-    };
-    out.push(b'"');
-    match addr.ip() {
-        IpAddr::V4(ip) => {
+    match addr {
+        Some(SocketAddr::V4(addr)) => {
             // Built on the stack and copied once: each octet writes three bytes and advances
-            // by its digits and a dot (`255.255.255.255.` is 16 bytes).
-            let mut buf = [0u8; 20];
-            let mut at = 0;
-            for o in ip.octets() {
+            // by its digits and a dot (`"255.255.255.255:65535"` is 23 bytes).
+            let mut buf = [0u8; 24];
+            buf[0] = b'"';
+            let mut at = 1;
+            for o in addr.ip().octets() {
                 let [len, digits @ ..] = OCTETS[usize::from(o)];
                 if let Some(dst) = buf.get_mut(at..at + 3) {
                     dst.copy_from_slice(&digits);
@@ -235,24 +249,31 @@ pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
             if let Some(colon) = buf.get_mut(at - 1) {
                 *colon = b':';
             }
-            out.extend_from_slice(buf.get(..at).unwrap_or_default());
-            uint(out, u64::from(addr.port()));
+            at = put_uint(&mut buf, at, u64::from(addr.port()));
+            if let Some(quote) = buf.get_mut(at) {
+                *quote = b'"';
+            }
+            put(out, &buf, at + 1);
         }
-        IpAddr::V6(_) => {
-            let _ = write!(out, "{addr}");
+        Some(addr @ SocketAddr::V6(_)) => {
+            let _ = write!(out, "\"{addr}\"");
         }
+        None => out.extend_from_slice(b"null"),
     }
-    out.push(b'"');
 }
 
 /// Milliseconds with microsecond precision (`12.345`).
 #[inline(always)]
 pub(super) fn millis(out: &mut Vec<u8>, micros: u64) {
-    uint(out, micros / 1000);
+    // At most 17 digits, the point and three digits.
+    let mut buf = [0u8; 24];
+    let at = put_uint(&mut buf, 0, micros / 1000);
     let frac = micros % 1000;
-    out.push(b'.');
-    out.push(b'0' + (frac / 100) as u8);
-    out.extend_from_slice(&pair(frac));
+    if let Some(dst) = buf.get_mut(at..at + 4) {
+        let [t, h] = pair(frac);
+        dst.copy_from_slice(&[b'.', digit(frac / 100), t, h]);
+    }
+    put(out, &buf, at + 4);
 }
 
 /// RFC 3339 UTC time stamps with microseconds (`2026-01-02T03:04:05.678901Z`), the part up to
@@ -260,23 +281,37 @@ pub(super) fn millis(out: &mut Vec<u8>, micros: u64) {
 #[derive(Debug, Default)]
 pub(super) struct Dates {
     second: Option<u64>,
-    prefix: [u8; 20],
+    /// `{"time":"` and the date and time of day of `second`.
+    prefix: [u8; 29],
 }
 
 impl Dates {
-    /// Writes the time `unix_micros` microseconds after the epoch, without quotes.
-    pub(super) fn rfc3339(&mut self, out: &mut Vec<u8>, unix_micros: u64) {
+    /// A line's start: `{"time":"` and the time `unix_micros` microseconds after the epoch,
+    /// without the closing quote.
+    #[inline(always)]
+    pub(super) fn head(&mut self, unix_micros: u64) -> [u8; 36] {
         let secs = unix_micros / 1_000_000;
         if self.second != Some(secs) {
-            self.prefix = date_time(secs);
+            let mut prefix = [0u8; 29];
+            prefix[..9].copy_from_slice(b"{\"time\":\"");
+            prefix[9..].copy_from_slice(&date_time(secs));
+            self.prefix = prefix;
             self.second = Some(secs);
         }
-        out.extend_from_slice(&self.prefix);
         let micros = unix_micros % 1_000_000;
-        out.extend_from_slice(&pair(micros / 10_000));
-        out.extend_from_slice(&pair(micros / 100));
-        out.extend_from_slice(&pair(micros));
-        out.push(b'Z');
+        let [a, b] = pair(micros / 10_000);
+        let [c, d] = pair(micros / 100);
+        let [e, f] = pair(micros);
+        let mut head = [0u8; 36];
+        head[..29].copy_from_slice(&self.prefix);
+        head[29..].copy_from_slice(&[a, b, c, d, e, f, b'Z']);
+        head
+    }
+
+    /// Writes the time `unix_micros` microseconds after the epoch, without quotes.
+    #[cfg(test)]
+    pub(super) fn rfc3339(&mut self, out: &mut Vec<u8>, unix_micros: u64) {
+        out.extend_from_slice(&self.head(unix_micros)[9..]);
     }
 }
 

@@ -15,8 +15,10 @@
 //! # Layout
 //! - `text`: [`LogText`], the record's texts, shared or copied in place.
 //! - `json`: the JSON value writers and the once-per-second date cache.
+//! - `line`: a record as one line, keys and the daemon's names written in precomputed runs.
 
 mod json;
+mod line;
 mod text;
 
 use std::{
@@ -36,7 +38,7 @@ pub use text::{LogText, SHORT_INLINE_BYTES};
 
 use crate::{
     config,
-    metrics::{self, FlowPath, Metrics},
+    metrics::{FlowPath, Metrics},
     model::Mode,
     proxy::Reason,
     splice::FlowEnd,
@@ -124,71 +126,9 @@ impl Record {
     /// Appends the record as one JSON line (with its newline) to `out`.
     ///
     /// Written by hand rather than through `serde_json`: the keys are fixed and the values
-    /// mostly plain, and this is most of the access log's cost (a third of what `serde_json`
-    /// took per line, measured with callgrind).
+    /// mostly plain, and this is most of the access log's cost (see [`line`]).
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        self.write_line(out, &mut json::Dates::default());
-    }
-
-    fn write_line(&self, out: &mut Vec<u8>, dates: &mut json::Dates) {
-        // Typical lines are ~400 bytes: one capacity check instead of growth checks that fail.
-        out.reserve(512);
-        out.extend_from_slice(b"{\"time\":\"");
-        dates.rfc3339(out, self.time_micros);
-        let event: &[u8] = match self.outcome {
-            Outcome::Flow { .. } => b"\",\"event\":\"flow\",\"ingress\":",
-            Outcome::Refused { .. } => b"\",\"event\":\"refused\",\"ingress\":",
-        };
-        out.extend_from_slice(event);
-        json::string(out, &self.ingress);
-        if let Outcome::Flow { id, .. } = self.outcome {
-            out.extend_from_slice(b",\"flow_id\":");
-            json::uint(out, id);
-        }
-        out.extend_from_slice(b",\"rule\":");
-        json::opt_string(out, self.rule.as_deref());
-        out.extend_from_slice(b",\"client\":");
-        json::addr(out, Some(self.client));
-        out.extend_from_slice(b",\"sni\":");
-        json::opt_text(out, self.sni.as_ref().map(LogText::as_bytes));
-        out.extend_from_slice(b",\"alpn\":");
-        json::opt_text(out, self.alpn.as_ref().map(LogText::as_bytes));
-        out.extend_from_slice(b",\"instance\":");
-        json::opt_text(out, self.instance.as_ref().map(LogText::as_bytes));
-        out.extend_from_slice(b",\"backend\":");
-        json::addr(out, self.backend);
-        out.extend_from_slice(b",\"mode\":");
-        json::opt_name(out, self.mode.map(metrics::mode_str));
-        match &self.outcome {
-            Outcome::Flow {
-                path,
-                client_to_backend_bytes,
-                backend_to_client_bytes,
-                relayed_bytes,
-                end,
-                ..
-            } => {
-                out.extend_from_slice(b",\"path\":");
-                json::name(out, path.as_str());
-                out.extend_from_slice(b",\"client_to_backend_bytes\":");
-                json::uint(out, *client_to_backend_bytes);
-                out.extend_from_slice(b",\"backend_to_client_bytes\":");
-                json::uint(out, *backend_to_client_bytes);
-                out.extend_from_slice(b",\"relayed_bytes\":");
-                json::uint(out, *relayed_bytes);
-                out.extend_from_slice(b",\"duration_ms\":");
-                json::millis(out, self.duration_micros);
-                out.extend_from_slice(b",\"end\":");
-                json::name(out, end.as_str());
-            }
-            Outcome::Refused { reason } => {
-                out.extend_from_slice(b",\"duration_ms\":");
-                json::millis(out, self.duration_micros);
-                out.extend_from_slice(b",\"reason\":");
-                json::name(out, reason.as_str());
-            }
-        }
-        out.extend_from_slice(b"}\n");
+        line::Line::new().write(self, out);
     }
 }
 
@@ -352,7 +292,7 @@ fn open(path: &Path) -> Result<std::fs::File, AccessLogError> {
 fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &Metrics) {
     let counters = &metrics.access_log;
     let mut buf = Vec::with_capacity(64 << 10);
-    let mut dates = json::Dates::default();
+    let mut format = line::Line::new();
     let mut taken = Queue::default();
     let mut failed_before = false;
     loop {
@@ -369,8 +309,9 @@ fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &M
             std::mem::swap(&mut queue.flushes, &mut taken.flushes);
         }
         let mut lines = 0u64;
-        for record in taken.records.drain(..) {
-            record.write_line(&mut buf, &mut dates);
+        // Formatted where they lie (not moved out one by one), then dropped together.
+        for record in &taken.records {
+            format.write(record, &mut buf);
             lines += 1;
             if buf.len() >= (60 << 10) {
                 write_batch(
@@ -389,6 +330,7 @@ fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &M
             counters,
             &mut failed_before,
         );
+        taken.records.clear();
         // Records queued before a flush was asked for were taken with it, and are written.
         for done in taken.flushes.drain(..) {
             let _ = done.send(());
