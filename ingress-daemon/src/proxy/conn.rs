@@ -80,6 +80,7 @@ impl Conn {
 
     /// The access log record of a connection that ended at `ended_at`. The server name and
     /// ALPN are copied into it (and freed here, on the thread that allocated them).
+    #[inline]
     pub(super) fn record(
         self,
         log: &AccessLog,
@@ -140,9 +141,9 @@ pub(super) async fn handle(
     if let Err(refusal) = route_and_hand_off(&dp, &ingress, client, &mut conn, permit).await {
         conn.counters.on_refuse(refusal.reason);
         if refusal.reason.is_internal() {
-            warn!(reason = %refusal.reason, detail = %refusal.detail, "connection refused");
+            warn!(reason = %refusal.reason, detail = %refusal.detail, sni = ?conn.sni, "connection refused");
         } else {
-            debug!(reason = %refusal.reason, detail = %refusal.detail, "connection refused");
+            debug!(reason = %refusal.reason, detail = %refusal.detail, sni = ?conn.sni, "connection refused");
         }
         let log = &dp.inner.access_log;
         if log.enabled() {
@@ -187,7 +188,7 @@ async fn route_and_hand_off(
                 if pipelined {
                     // The next bytes share a segment with the request: a partly read segment
                     // cannot be handed to the kernel, and a compliant client waits for `S`.
-                    return Err(Refusal::new(
+                    return Err(Refusal::fixed(
                         Reason::BadHello,
                         "bytes sent before the SSLRequest was answered",
                     ));
@@ -208,17 +209,20 @@ async fn route_and_hand_off(
     conn.counters
         .hello
         .observe(conn.hello_at.saturating_duration_since(conn.accepted_at));
-    let route = table
-        .lookup(hello.sni.as_deref())
-        .ok_or_else(|| match &hello.sni {
-            None => Refusal::new(Reason::NoSni, "no server name and no default target"),
-            Some(sni) => Refusal::new(Reason::UnknownSni, format_args!("no rule for {sni}")),
-        });
-    if logging {
+    let route = table.lookup(hello.sni.as_deref());
+    if logging || route.is_none() {
+        // Moved, not copied: the record-to-be or the refusal's debug line names it.
         conn.sni = hello.sni.take();
+    }
+    if logging {
         conn.alpn = hello.alpn.first_mut().map(std::mem::take);
     }
-    let mut route = route?;
+    let Some(mut route) = route else {
+        return Err(match conn.sni {
+            None => Refusal::fixed(Reason::NoSni, "no server name and no default target"),
+            Some(_) => Refusal::fixed(Reason::UnknownSni, "no rule for the server name"),
+        });
+    };
     conn.mode = Some(route.mode);
     if logging {
         conn.rule = Some(route.rule_name.clone());
@@ -229,7 +233,7 @@ async fn route_and_hand_off(
         });
     }
     if pg_request && route.protocol != Protocol::Postgres {
-        return Err(Refusal::new(
+        return Err(Refusal::fixed(
             Reason::ProtocolMismatch,
             "a Postgres SSLRequest for a rule that is not postgres",
         ));
@@ -255,7 +259,7 @@ async fn route_and_hand_off(
         .map_err(|e| refused(e.reason(), &e))?;
     let slot = dp
         .take_flow_slot()
-        .ok_or_else(|| Refusal::new(Reason::FlowLimit, "max_flows reached"))?;
+        .ok_or_else(|| Refusal::fixed(Reason::FlowLimit, "max_flows reached"))?;
     let proxy_header = route
         .proxy_protocol
         .map(|v| header(v, peer, client.local_addr().unwrap_or(ingress.local_addr)));

@@ -1,6 +1,6 @@
 //! Why the data path refuses a connection: one stable reason per way it can say no.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 /// A refusal reason. The names are stable: metrics and access logs use them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -132,16 +132,25 @@ impl fmt::Display for Reason {
 pub struct Refusal {
     /// The stable reason.
     pub reason: Reason,
-    /// What happened.
-    pub detail: String,
+    /// What happened: fixed text, or an error formatted when it happened.
+    pub detail: Cow<'static, str>,
 }
 
 impl Refusal {
-    /// A refusal with a detail.
+    /// A refusal with a detail formatted now (an error's text).
     pub fn new(reason: Reason, detail: impl fmt::Display) -> Self {
         Self {
             reason,
-            detail: detail.to_string(),
+            detail: Cow::Owned(detail.to_string()),
+        }
+    }
+
+    /// A refusal with a fixed detail: no formatting and no allocation, which matters for the
+    /// refusals a client can cause at will (an unknown server name is one per connection).
+    pub fn fixed(reason: Reason, detail: &'static str) -> Self {
+        Self {
+            reason,
+            detail: Cow::Borrowed(detail),
         }
     }
 }

@@ -127,7 +127,9 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
         let tls =
             tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(config).accept(client))
                 .await
-                .map_err(|_| Refusal::new(Reason::HelloTimeout, "tls handshake not done in time"))?
+                .map_err(|_| {
+                    Refusal::fixed(Reason::HelloTimeout, "tls handshake not done in time")
+                })?
                 .map_err(|e| Refusal::new(Reason::TlsHandshakeFailed, e))?;
         counters.tls_handshake.observe(hello_at.elapsed());
         Ok::<_, Refusal>(tls)
