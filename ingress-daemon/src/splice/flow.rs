@@ -126,9 +126,14 @@ enum Handback {
     /// The gate is open (or the relay has not noticed it closing).
     #[default]
     Idle,
-    /// The source's window is held closed; the window clamp to restore, and the reverse
-    /// direction's byte count (kernel and relay) when the hold began.
-    Holding { clamp: u32, reverse_seen: u64 },
+    /// The source's window is held closed; the window clamp to restore, the clamp the kernel
+    /// set for the hold, and the reverse direction's byte count (kernel and relay) when the
+    /// hold began.
+    Holding {
+        clamp: u32,
+        held: u32,
+        reverse_seen: u64,
+    },
 }
 
 /// Clamps the window of `fd` to zero; returns the clamp to restore. `reverse_seen` is the
@@ -139,6 +144,7 @@ fn hold_window(fd: std::os::fd::BorrowedFd<'_>, reverse_seen: u64) -> io::Result
     sys::set_window_clamp(fd, 1)?;
     Ok(Handback::Holding {
         clamp,
+        held: sys::window_clamp(fd)?,
         reverse_seen,
     })
 }
@@ -460,14 +466,29 @@ impl Flow {
                 }
             }
             Handback::Holding {
-                clamp,
+                mut clamp,
+                held,
                 reverse_seen,
             } => {
+                // Receive-buffer autotuning sets the clamp again whenever it grows the buffer
+                // (`tcp_rcv_space_adjust`, "make the window clamp follow along", on every
+                // kernel we support), which silently ends the hold: put it back, and restore
+                // the grown value when the hold ends.
+                let fd = self.socks[src].as_fd();
+                let now = sys::window_clamp(fd).map_err(|e| (src, e))?;
+                if now != held {
+                    sys::set_window_clamp(fd, 1).map_err(|e| (src, e))?;
+                    clamp = now;
+                    self.dirs[d].handback = Handback::Holding {
+                        clamp,
+                        held,
+                        reverse_seen,
+                    };
+                }
                 if self.dirs[d].read < view.passed() {
                     return Ok(());
                 }
                 if self.dirs[d].fin_seen || self.in_flight(d, &view)? <= view.low_water() {
-                    let fd = self.socks[src].as_fd();
                     sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
                     // The sender must hear that the window opened, or it waits for its persist
                     // timer (200 ms or more). Bytes this socket sends carry the news; when the
