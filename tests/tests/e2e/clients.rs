@@ -14,7 +14,7 @@ use ingress_tests::{
 };
 use serde_json::json;
 
-use crate::common::{certificate, create_ingress, instance, kernel_daemon, rule};
+use crate::common::{certificate, create_ingress, instance, kernel_daemon, postgres_rule, rule};
 
 #[test]
 fn ssh_wrapped_in_tls_logs_in_through_a_terminate_rule() {
@@ -78,13 +78,9 @@ fn psql_runs_select_through_terminate_and_passthrough() {
         panic!("postgres on IPv4")
     };
     instance(&api, "db1", ip);
-    let postgres_rule = |mode: &str| {
-        let mut r = rule("db1.example.test", "db1", pg.addr().port(), mode);
-        r["protocol"] = json!("postgres");
-        r
-    };
-    let passthrough = create_ingress(&api, "pg-pass", json!([postgres_rule("passthrough")]), None);
-    let terminate = create_ingress(&api, "pg-term", json!([postgres_rule("terminate")]), None);
+    let pg_rule = |mode: &str| postgres_rule("db1.example.test", "db1", pg.addr().port(), mode);
+    let passthrough = create_ingress(&api, "pg-pass", json!([pg_rule("passthrough")]), None);
+    let terminate = create_ingress(&api, "pg-term", json!([pg_rule("terminate")]), None);
 
     // Passthrough: the TLS session is with postgres itself (its own CA verifies it).
     let got = pg

@@ -64,6 +64,13 @@ pub fn rule(sni: &str, instance: &str, port: u16, mode: &str) -> Value {
 }
 
 /// Registers `name` → `ip`.
+/// A [`rule`] whose protocol is `postgres` (the SSLRequest preamble and ALPN `postgresql`).
+pub fn postgres_rule(sni: &str, instance: &str, port: u16, mode: &str) -> Value {
+    let mut r = rule(sni, instance, port, mode);
+    r["protocol"] = serde_json::json!("postgres");
+    r
+}
+
 pub fn instance(api: &ApiClient, name: &str, ip: impl Into<std::net::IpAddr>) {
     let put = api.put_instance(name, ip.into()).unwrap();
     assert!(put.status == 200 || put.status == 201, "{put:?}");
@@ -186,6 +193,12 @@ pub fn refused_count(api: &ApiClient, ingress: &str, reason: &str) -> u64 {
         "ingressd_connections_refused_total",
         &[&ingress, &reason],
     ) as u64
+}
+
+/// Connections the daemon refused on `ingress` so far, every reason together.
+pub fn refused_total(api: &ApiClient, ingress: &str) -> u64 {
+    let ingress = format!("ingress=\"{ingress}\"");
+    metric(api, "ingressd_connections_refused_total", &[&ingress]) as u64
 }
 
 /// Connections the daemon accepted on `ingress` so far.

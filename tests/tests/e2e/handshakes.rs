@@ -12,7 +12,6 @@ use std::{
 };
 
 use ingress_tests::{
-    ApiClient,
     pki::Pki,
     ports::next_loopback,
     tls::{RustlsServer, tls_connect},
@@ -21,7 +20,7 @@ use rustls::ClientConfig;
 use serde_json::json;
 
 use crate::common::{
-    accepted_count, create_ingress, instance, kernel_daemon, metric, refused_count, rule,
+    accepted_count, create_ingress, instance, kernel_daemon, refused_count, refused_total, rule,
     wait_closed, wait_for_count,
 };
 
@@ -45,14 +44,6 @@ fn waiting_client(addr: std::net::SocketAddr, config: Arc<ClientConfig>) -> Join
         round_trip(&mut tls, b"served at last");
         served
     })
-}
-
-fn refused_total(api: &ApiClient) -> u64 {
-    metric(
-        api,
-        "ingressd_connections_refused_total",
-        &[&format!("ingress=\"{INGRESS}\"")],
-    ) as u64
 }
 
 #[test]
@@ -102,7 +93,7 @@ fn clients_beyond_max_handshakes_wait_until_a_handshake_ends() {
     let second_silent = TcpStream::connect(addr).unwrap();
     let second_connected = Instant::now();
     accepted(3);
-    let refused_before = refused_total(&api);
+    let refused_before = refused_total(&api, INGRESS);
 
     // A client beyond the cap: not accepted, not refused, not served; the flow is unaffected.
     let waiting = waiting_client(addr, config.clone());
@@ -113,7 +104,7 @@ fn clients_beyond_max_handshakes_wait_until_a_handshake_ends() {
         assert_eq!(accepted_count(&api, INGRESS), 3, "accepted beyond the cap");
     }
     assert_eq!(
-        refused_total(&api),
+        refused_total(&api, INGRESS),
         refused_before,
         "a waiting client is not refused"
     );

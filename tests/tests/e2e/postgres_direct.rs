@@ -29,8 +29,8 @@ use rustls_pki_types::{CertificateDer, pem::PemObject as _};
 use serde_json::json;
 
 use crate::common::{
-    certificate, create_ingress, instance, kernel_daemon, refused_count, rule, run, wait_closed,
-    wait_for_count,
+    certificate, create_ingress, instance, kernel_daemon, postgres_rule, refused_count, run,
+    wait_closed, wait_for_count,
 };
 
 /// A rustls client configuration trusting the CA in `ca_pem`, offering ALPN `postgresql`.
@@ -112,12 +112,6 @@ fn postgres_saw_tls(tls: &mut TlsStream) -> String {
         tls,
         "SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
     )
-}
-
-fn postgres_rule(sni: &str, instance: &str, port: u16, mode: &str) -> serde_json::Value {
-    let mut r = rule(sni, instance, port, mode);
-    r["protocol"] = json!("postgres");
-    r
 }
 
 #[test]

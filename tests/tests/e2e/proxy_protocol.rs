@@ -16,7 +16,7 @@ use rustls::{ClientConnection, StreamOwned, pki_types::ServerName};
 use serde_json::{Value, json};
 use socket2::{Domain, Socket, Type};
 
-use crate::common::{certificate, create_ingress, instance, kernel_daemon, rule};
+use crate::common::{certificate, create_ingress, instance, kernel_daemon, postgres_rule, rule};
 
 /// The 12 bytes that start a v2 header.
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -257,9 +257,10 @@ fn a_postgres_passthrough_rule_sends_the_proxy_header_before_the_replayed_ssl_re
     let (backend, seen) = header_backend(ip, true);
     instance(&api, "pgstub", ip);
     let pg_rule = |sni: &str, version: &str| {
-        let mut r = with_proxy(rule(sni, "pgstub", backend.port(), "passthrough"), version);
-        r["protocol"] = json!("postgres");
-        r
+        with_proxy(
+            postgres_rule(sni, "pgstub", backend.port(), "passthrough"),
+            version,
+        )
     };
     let ingress = create_ingress(
         &api,

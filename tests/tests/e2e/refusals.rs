@@ -20,7 +20,7 @@ use serde_json::json;
 
 use crate::common::{
     Ingress, accepted_count, create_ingress, instance, kernel_daemon, metric, refused_count,
-    routed_count, rule, wait_closed, wait_for_count,
+    refused_total, routed_count, rule, wait_closed, wait_for_count,
 };
 
 /// The ingress with one passthrough rule to a rustls echo server.
@@ -88,15 +88,6 @@ fn setup(handshake_timeout_ms: &str) -> Option<Setup> {
 }
 
 impl Setup {
-    /// Refusals of every reason on `ingress` so far.
-    fn refused_total(&self, ingress: &str) -> u64 {
-        metric(
-            &self.api,
-            "ingressd_connections_refused_total",
-            &[&format!("ingress=\"{ingress}\"")],
-        ) as u64
-    }
-
     /// A well-behaved client completes its handshake and an echo round trip through `strict`.
     fn serve_good_client(&self) {
         let mut ok = handshake(self.ingress.addr(), self.client.clone(), |tcp, hello| {
@@ -119,7 +110,7 @@ impl Setup {
         limit: Duration,
     ) -> Duration {
         let before = refused_count(&self.api, ingress, reason);
-        let before_total = self.refused_total(ingress);
+        let before_total = refused_total(&self.api, ingress);
         let mut stream = TcpStream::connect(addr).unwrap();
         match stream.write_all(bytes) {
             Ok(()) => {}
@@ -136,7 +127,7 @@ impl Setup {
             || refused_count(&self.api, ingress, reason),
         );
         assert_eq!(
-            self.refused_total(ingress),
+            refused_total(&self.api, ingress),
             before_total + 1,
             "{ingress}: the refusal was counted once, under {reason} only"
         );
