@@ -8,8 +8,9 @@
 //! Start-up contract for supervisors and tests: once the API is bound and the store is
 //! loaded, the bound address is written to `<data_dir>/api.addr` (one line, e.g.
 //! `127.0.0.1:41234`; temp file then rename, replacing any earlier file) and
-//! `ingressd api listening on <addr>` is printed to stderr whatever the log filter. A clean
-//! shutdown removes the file.
+//! `ingressd api listening on <addr>` is printed to stderr whatever the log filter; under a
+//! service manager, `READY=1` is sent at the same point ([`crate::notify`]). A clean shutdown
+//! removes the file.
 use std::future::Future;
 use std::sync::Arc;
 
@@ -73,6 +74,8 @@ pub struct Parts {
     pub probes: Vec<Arc<dyn ReadinessProbe>>,
     /// Metrics and live flows of the data path, for `/metrics` and `/flows`.
     pub observe: Option<Arc<dyn crate::api::Observe>>,
+    /// The service manager to tell when the daemon is ready and when it stops.
+    pub notifier: Option<crate::notify::Notifier>,
 }
 
 /// Loads the store, binds the ingress listeners and serves the API on `api` until `shutdown`
@@ -98,6 +101,16 @@ pub async fn run(
     tracing::info!(addr = %api_addr, data_dir = %control.store().root().display(), "api listening");
     // The stable line supervisors wait for, printed even when logging is filtered.
     eprintln!("ingressd api listening on {api_addr}");
+    let notifier = parts.notifier.map(Arc::new);
+    if let Some(notifier) = &notifier {
+        notifier.ready(api_addr);
+    }
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(notifier) = &notifier {
+            notifier.stopping();
+        }
+    };
     let served = api::serve(api, api::app(state), shutdown).await;
     control.shutdown().await;
     if let Err(e) = control.store().remove_file(API_ADDR_FILE) {

@@ -27,6 +27,7 @@
 //!   sockets of a flow.
 //! - [`hello`]: the ClientHello reader — a pure parser and a `MSG_PEEK` reader that leaves
 //!   the hello in the socket.
+//! - [`notify`]: readiness and stopping notifications to a service manager (`sd_notify`).
 //! - [`postgres`]: the Postgres `SSLRequest` preamble before a ClientHello, client and backend
 //!   side, read to the exact byte.
 //! - [`proxy`]: the data path — accept, ClientHello, route, connect, then splice or terminate.
@@ -49,6 +50,7 @@ pub mod hello;
 pub mod listeners;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pattern;
 pub mod postgres;
 pub mod proxy;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use ingress_daemon::access_log::AccessLog;
 use ingress_daemon::cli::{Cli, Command};
 use ingress_daemon::config::{Config, EXIT_CONFIG};
-use ingress_daemon::{ctl, daemon, metrics, proxy, splice};
+use ingress_daemon::{ctl, daemon, metrics, notify, proxy, splice};
 
 /// How long live flows may run on after a shutdown signal before they are reset.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -86,6 +86,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A broken NOTIFY_SOCKET is the supervisor's problem: said once, then the daemon serves.
+    let notifier = notify::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not notifying the service manager");
+        None
+    });
     let served = runtime.block_on(async {
         let shutdown = daemon::shutdown_signal().map_err(daemon::DaemonError::Signals)?;
         let engine = match splice::Engine::start(engine_config(&shared.config)) {
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
             handler: Arc::new(data_path.clone()),
             probes: vec![Arc::new(data_path.clone())],
             observe: Some(Arc::new(data_path)),
+            notifier,
         };
         let served = daemon::run(api, parts, shutdown).await;
         // Listeners are closed; flows still live get a short drain, then are reset.

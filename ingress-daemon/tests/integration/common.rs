@@ -149,6 +149,7 @@ impl Server {
             token,
             probes: Vec::new(),
             observe: None,
+            notifier: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
