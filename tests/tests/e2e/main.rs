@@ -21,3 +21,4 @@ mod postgres_direct;
 mod proxy_protocol;
 mod refusals;
 mod routing;
+mod service;
