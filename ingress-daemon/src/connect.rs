@@ -171,8 +171,8 @@ fn set_flow_options(socket: SockRef<'_>, opts: &FlowOptions) -> io::Result<()> {
             .with_time(k.idle)
             .with_interval(k.interval)
             .with_retries(k.retries);
+        // Sets `SO_KEEPALIVE` too.
         socket.set_tcp_keepalive(&params)?;
-        socket.set_keepalive(true)?;
     }
     let user_timeout = opts
         .user_timeout

@@ -169,8 +169,8 @@ pub fn set_liveness(fd: BorrowedFd<'_>, liveness: &Liveness) -> io::Result<()> {
         .with_time(liveness.keepalive_idle)
         .with_interval(liveness.keepalive_interval)
         .with_retries(liveness.keepalive_probes);
+    // Sets `SO_KEEPALIVE` too.
     sock.set_tcp_keepalive(&keepalive)?;
-    sock.set_keepalive(true)?;
     sock.set_tcp_user_timeout(Some(liveness.user_timeout))
 }
 
