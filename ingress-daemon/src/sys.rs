@@ -648,3 +648,9 @@ pub fn send_window_probe(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON)?;
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF)
 }
+
+mod fdpass;
+pub use fdpass::{
+    MAX_FDS_PER_MESSAGE, recv_with_fds, reserve_fds, send_with_fds, seqpacket_accept,
+    seqpacket_connect, seqpacket_listen, set_recv_timeout,
+};
