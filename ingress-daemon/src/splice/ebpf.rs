@@ -39,6 +39,16 @@ use crate::sys;
 static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ingress-ebpf"));
 
+/// FNV-1a of the embedded program object, in hex.
+pub(crate) fn program_identity() -> String {
+    let hash = PROGRAM_OBJECT
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("{hash:016x}")
+}
+
 /// Why the kernel path could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -131,6 +141,11 @@ impl DirView<'_> {
         self.load(offset_of!(DirState, overlap_trimmed))
     }
 
+    /// Congestion events handled so far.
+    pub(crate) fn congestion_handled(&self) -> u64 {
+        self.load(offset_of!(DirState, congestion_handled))
+    }
+
     /// Marks congestion events up to `events` handled (the program may send the next one).
     pub(crate) fn set_congestion_handled(&self, events: u64) {
         self.store(offset_of!(DirState, congestion_handled), events);
@@ -187,10 +202,13 @@ impl DirView<'_> {
 
 /// The loaded verdict program and its maps.
 pub(crate) struct KernelPath {
-    /// Keeps the program loaded and attached.
-    _object: Ebpf,
+    /// Keeps the program loaded and attached; `None` when the maps were handed over by another
+    /// daemon (the program stays attached to the sockhash, which holds a reference to it).
+    _object: Option<Ebpf>,
     socks: OwnedFd,
     sock_dir: OwnedFd,
+    dirs_fd: OwnedFd,
+    events_fd: OwnedFd,
     dirs: sys::SharedMapping,
     /// Congestion events from the program; taken once by the engine's event task.
     events: Mutex<Option<aya::maps::RingBuf<MapData>>>,
@@ -198,6 +216,19 @@ pub(crate) struct KernelPath {
     free: Mutex<VecDeque<DirIndex>>,
     /// Offset of `bytes_acked` in `struct tcp_sock`, as read from BTF.
     pub(crate) bytes_acked_offset: u64,
+}
+
+/// The descriptors of the kernel path's maps, as handed from one daemon to the next.
+#[derive(Debug)]
+pub struct MapFds {
+    /// The sockhash ([`SOCKS_MAP`]).
+    pub socks: OwnedFd,
+    /// Cookie → direction slot ([`SOCK_DIR_MAP`]).
+    pub sock_dir: OwnedFd,
+    /// The direction array ([`DIRS_MAP`]).
+    pub dirs: OwnedFd,
+    /// The congestion ring buffer.
+    pub events: OwnedFd,
 }
 
 /// The in-flight marks of a direction (see the verdict program).
@@ -304,14 +335,70 @@ impl KernelPath {
             .try_into()?;
         program.load()?;
         program.attach(&socks_map_fd)?;
+        let events_fd = events
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| LoadError::Sys {
+                call: "dup ring buffer fd",
+                source,
+            })?;
         Ok(Self {
-            _object: object,
+            _object: Some(object),
             socks,
             sock_dir,
+            dirs_fd,
+            events_fd,
             dirs,
             events: Mutex::new(Some(events)),
             free: Mutex::new((0..MAX_DIRS).collect()),
             bytes_acked_offset: offset,
+        })
+    }
+
+    /// Takes over the maps of another daemon's kernel path: the program it attached stays
+    /// attached (the sockhash holds it) and keeps serving the flows inserted with it. `used`
+    /// lists the direction slots of the flows handed over with the maps.
+    pub(crate) fn adopt(maps: MapFds, used: &[DirIndex]) -> Result<Self, LoadError> {
+        let MapFds {
+            socks,
+            sock_dir,
+            dirs: dirs_fd,
+            events: events_fd,
+        } = maps;
+        let dirs =
+            sys::SharedMapping::new(dirs_fd.as_fd(), MAX_DIRS as usize * size_of::<DirState>())
+                .map_err(|source| LoadError::Sys {
+                    call: "mmap direction array",
+                    source,
+                })?;
+        let ring_fd = events_fd.try_clone().map_err(|source| LoadError::Sys {
+            call: "dup ring buffer fd",
+            source,
+        })?;
+        let ring_data = MapData::from_fd(ring_fd).map_err(aya::EbpfError::MapError)?;
+        let events = aya::maps::RingBuf::try_from(Map::RingBuf(ring_data))
+            .map_err(aya::EbpfError::MapError)?;
+        let in_use: std::collections::HashSet<DirIndex> = used.iter().copied().collect();
+        Ok(Self {
+            _object: None,
+            socks,
+            sock_dir,
+            dirs_fd,
+            events_fd,
+            dirs,
+            events: Mutex::new(Some(events)),
+            free: Mutex::new((0..MAX_DIRS).filter(|d| !in_use.contains(d)).collect()),
+            bytes_acked_offset: 0,
+        })
+    }
+
+    /// Duplicates of the map descriptors, for a hand-off to another daemon.
+    pub(crate) fn export_maps(&self) -> std::io::Result<MapFds> {
+        Ok(MapFds {
+            socks: self.socks.try_clone()?,
+            sock_dir: self.sock_dir.try_clone()?,
+            dirs: self.dirs_fd.try_clone()?,
+            events: self.events_fd.try_clone()?,
         })
     }
 

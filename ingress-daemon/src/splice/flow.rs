@@ -33,6 +33,8 @@ use super::{
 };
 use crate::sys::{self, events};
 
+mod snapshot;
+
 /// A relay buffer with pending bytes `data[start..end]`.
 pub(super) struct RelayBuf {
     data: Box<[u8]>,

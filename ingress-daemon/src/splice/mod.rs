@@ -22,11 +22,13 @@
 //! - `btf`: reads `tcp_sock.bytes_acked`'s offset from the kernel's BTF.
 //! - `ebpf`: loads the program, owns the maps, inserts and removes flows.
 //! - `flow`: one flow's state machine.
+//! - `handoff`: freezing, exporting and adopting live flows for a takeover.
 //! - `shard`: the event loop driving a set of flows.
 
 mod btf;
 mod ebpf;
 mod flow;
+mod handoff;
 mod shard;
 
 use std::{
@@ -40,10 +42,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 pub use ebpf::LoadError;
+pub use handoff::{AdoptError, DirState, ExportedFlow, FlowState, Frozen, KernelState, MapFds};
 
 use crate::sys;
 
@@ -441,22 +444,40 @@ struct Inner {
     stats: Arc<EngineStats>,
     /// Which shard owns each kernel direction slot (for congestion events).
     dir_shard: Arc<Vec<std::sync::atomic::AtomicU16>>,
+    /// True while a hand-off has the engine frozen: the congestion task leaves the ring alone.
+    frozen: watch::Sender<bool>,
 }
 
 impl Engine {
     /// Loads the eBPF program (unless offload is off) and starts the event loops on the
     /// current tokio runtime.
     pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
-        let (kernel, kernel_unavailable) = match config.offload {
-            Offload::Off => (None, Some("offload is off".to_owned())),
-            Offload::Auto => match ebpf::KernelPath::load() {
+        Self::start_adopting(config, None, &[])
+    }
+
+    /// Like [`Self::start`], but with the maps another daemon handed over instead of loading
+    /// the program (`used`: the direction slots of the flows that came with them; adopt those
+    /// flows next with [`Self::adopt`]). Without maps, the offload mode decides as in
+    /// [`Self::start`].
+    pub fn start_adopting(
+        config: EngineConfig,
+        maps: Option<MapFds>,
+        used: &[u32],
+    ) -> Result<Self, EngineError> {
+        let (kernel, kernel_unavailable) = match (maps, config.offload) {
+            (Some(maps), _) => match ebpf::KernelPath::adopt(maps, used) {
+                Ok(path) => (Some(Arc::new(path)), None),
+                Err(err) => return Err(EngineError::OffloadUnavailable(err)),
+            },
+            (None, Offload::Off) => (None, Some("offload is off".to_owned())),
+            (None, Offload::Auto) => match ebpf::KernelPath::load() {
                 Ok(path) => (Some(Arc::new(path)), None),
                 Err(err) => {
                     warn!(error = %err, "kernel splice unavailable, relaying in userspace");
                     (None, Some(err.to_string()))
                 }
             },
-            Offload::Required => match ebpf::KernelPath::load() {
+            (None, Offload::Required) => match ebpf::KernelPath::load() {
                 Ok(path) => (Some(Arc::new(path)), None),
                 Err(err) => return Err(EngineError::OffloadUnavailable(err)),
             },
@@ -481,9 +502,15 @@ impl Engine {
                 .map(|_| std::sync::atomic::AtomicU16::new(0))
                 .collect(),
         );
+        let (frozen, _) = watch::channel(false);
         if let Some(events) = kernel.as_ref().and_then(|k| k.take_events()) {
             let events = sys::async_fd(events).map_err(EngineError::Shard)?;
-            tokio::spawn(congestion_events(events, dir_shard.clone(), shards.clone()));
+            tokio::spawn(congestion_events(
+                events,
+                dir_shard.clone(),
+                shards.clone(),
+                frozen.subscribe(),
+            ));
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -495,6 +522,7 @@ impl Engine {
                 next_id: AtomicU64::new(1),
                 stats,
                 dir_shard,
+                frozen,
             }),
         })
     }
@@ -715,10 +743,20 @@ async fn congestion_events(
     mut events: tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
     dir_shard: Arc<Vec<std::sync::atomic::AtomicU16>>,
     shards: Vec<mpsc::UnboundedSender<shard::Command>>,
+    mut frozen: watch::Receiver<bool>,
 ) {
     loop {
-        let Ok(mut guard) = events.readable_mut().await else {
+        // While a hand-off is under way the ring is left to whichever daemon ends up with
+        // the flows; each recovers unhandled events from the direction counters.
+        if frozen.wait_for(|f| !*f).await.is_err() {
             return;
+        }
+        let mut guard = tokio::select! {
+            guard = events.readable_mut() => match guard {
+                Ok(guard) => guard,
+                Err(_) => return,
+            },
+            _ = frozen.wait_for(|f| *f) => continue,
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
@@ -738,6 +776,12 @@ async fn congestion_events(
         }
         guard.clear_ready();
     }
+}
+
+/// Identity of the verdict program this build embeds (FNV-1a of the object, hex), for the
+/// takeover's compatibility check.
+pub fn program_identity() -> String {
+    ebpf::program_identity()
 }
 
 /// Takes a tokio stream out of the reactor for [`Engine::splice`].

@@ -22,7 +22,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    EngineStats, FlowEnd, FlowInfo, NewFlow, TagBytes, Usage,
+    EngineStats, ExportedFlow, FlowEnd, FlowInfo, NewFlow, TagBytes, Usage,
     ebpf::KernelPath,
     flow::{BufferPool, Cx, Flow, Step, recheck_delay},
 };
@@ -53,6 +53,14 @@ pub(super) enum Command {
         drain: Duration,
         done: oneshot::Sender<()>,
     },
+    /// Stop handling events and timers, and export every flow (a hand-off).
+    Freeze(oneshot::Sender<std::io::Result<Vec<ExportedFlow>>>),
+    /// Handle events and timers again, including what arrived while frozen.
+    Resume,
+    /// Forget every flow without touching its sockets or map entries, and stop.
+    Release,
+    /// Take over a flow handed over by another daemon.
+    Adopt(Box<(ExportedFlow, Option<super::OnEnd>)>),
 }
 
 struct Slot {
@@ -104,6 +112,7 @@ impl Shard {
     pub(super) async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut shutdown: Option<(Instant, oneshot::Sender<()>)> = None;
         let mut accepting = true;
+        let mut frozen = false;
         let epoll = self.epoll.clone();
         loop {
             if !accepting && self.live == 0 {
@@ -121,8 +130,9 @@ impl Shard {
                 (Some((deadline, _)), None) => Some(*deadline),
                 (None, at) => at,
             };
+            let wake_at = if frozen { None } else { wake_at };
             tokio::select! {
-                ready = epoll.readable() => match ready {
+                ready = epoll.readable(), if !frozen => match ready {
                     Ok(mut guard) => {
                         self.drain_events();
                         guard.clear_ready();
@@ -136,7 +146,9 @@ impl Shard {
                 command = commands.recv(), if accepting => match command {
                     Some(Command::Add(new)) => self.add(*new),
                     Some(Command::Congested { dir }) => {
-                        if let Some(&(slot, generation)) = self.by_dir.get(&dir) {
+                        if frozen {
+                            // Recovered from the counters by whoever runs the flow next.
+                        } else if let Some(&(slot, generation)) = self.by_dir.get(&dir) {
                             self.dispatch(slot, generation, |flow, cx| flow.on_congestion(dir, cx));
                         }
                     }
@@ -152,6 +164,23 @@ impl Shard {
                     Some(Command::Shutdown { drain, done }) => {
                         accepting = false;
                         shutdown = Some((Instant::now() + drain, done));
+                    }
+                    Some(Command::Freeze(reply)) => {
+                        frozen = true;
+                        let _ = reply.send(self.export());
+                    }
+                    Some(Command::Resume) => {
+                        frozen = false;
+                        self.drain_events();
+                        self.recheck_all();
+                    }
+                    Some(Command::Release) => {
+                        self.forget_all();
+                        break;
+                    }
+                    Some(Command::Adopt(adopted)) => {
+                        let (flow, on_end) = *adopted;
+                        self.adopt(flow, on_end);
                     }
                     None => accepting = false,
                 },
@@ -181,6 +210,22 @@ impl Shard {
             idle_timeout,
             on_end,
         } = new;
+        let flow = Flow::new(
+            id,
+            tag,
+            [client, backend],
+            kernel,
+            [preamble.client_consumed, preamble.backend_consumed],
+            on_end,
+            idle_timeout,
+        );
+        let (slot, generation) = self.insert(flow);
+        // Nothing may have happened yet, but a FIN could be waiting for a coverage check.
+        self.dispatch_timer(slot, generation);
+    }
+
+    /// Puts a flow in a free slot and registers its sockets; returns the slot and generation.
+    fn insert(&mut self, flow: Flow) -> (u32, u32) {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -192,19 +237,10 @@ impl Shard {
             }
         };
         let Some(entry) = self.slots.get_mut(slot as usize) else {
-            return;
+            return (slot, 0);
         };
         entry.generation = entry.generation.wrapping_add(1);
         let generation = entry.generation;
-        let flow = Flow::new(
-            id,
-            tag,
-            [client, backend],
-            kernel,
-            [preamble.client_consumed, preamble.backend_consumed],
-            on_end,
-            idle_timeout,
-        );
         for side in 0..2 {
             let fd = flow.socks[side].as_fd();
             // Registration reports readiness that already holds: a FIN that arrived before this
@@ -214,7 +250,7 @@ impl Shard {
                     .get_ref()
                     .add(fd, flow.interest[side], token(generation, slot, side))
             {
-                warn!(flow = id, error = %err, "cannot watch spliced socket");
+                warn!(flow = flow.id, error = %err, "cannot watch spliced socket");
             }
         }
         self.stats.flow_started(flow.path());
@@ -225,8 +261,83 @@ impl Shard {
         }
         entry.flow = Some(flow);
         self.live += 1;
-        // Nothing may have happened yet, but a FIN could be waiting for a coverage check.
+        (slot, generation)
+    }
+
+    /// Every flow's state with duplicates of its sockets (the flows stay here).
+    fn export(&self) -> std::io::Result<Vec<ExportedFlow>> {
+        self.flows()
+            .map(|flow| {
+                let (state, pending) = flow.export();
+                Ok(ExportedFlow {
+                    state,
+                    socks: [flow.socks[0].try_clone()?, flow.socks[1].try_clone()?],
+                    pending,
+                })
+            })
+            .collect()
+    }
+
+    /// Re-evaluates every flow (after a freeze): FINs, relay bytes, and congestion events the
+    /// program sent that nobody handled.
+    fn recheck_all(&mut self) {
+        let live: Vec<(u32, u32)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.flow.is_some())
+            .filter_map(|(i, s)| Some((u32::try_from(i).ok()?, s.generation)))
+            .collect();
+        for (slot, generation) in live {
+            self.dispatch_timer(slot, generation);
+            self.recover_congestion(slot, generation);
+        }
+    }
+
+    /// Handles congestion events of a flow's directions that were sent but not handled.
+    fn recover_congestion(&mut self, slot: u32, generation: u32) {
+        let Some(path) = self.kernel.clone() else {
+            return;
+        };
+        let dirs = self
+            .slots
+            .get(slot as usize)
+            .and_then(|s| s.flow.as_ref())
+            .and_then(|f| f.kernel)
+            .map(|k| k.dirs);
+        for dir in dirs.into_iter().flatten() {
+            let view = path.dir(dir);
+            if view.congestion_events() > view.congestion_handled() {
+                self.dispatch(slot, generation, |flow, cx| flow.on_congestion(dir, cx));
+            }
+        }
+    }
+
+    /// Drops every flow without a socket option, a map update or an outcome: another daemon
+    /// runs them now (closing these duplicates leaves the sockets and their sockhash entries
+    /// alone while the other daemon holds them).
+    fn forget_all(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(mut flow) = slot.flow.take() {
+                // Dropped unrun: the outcome is the next daemon's to report.
+                drop(flow.on_end.take());
+            }
+        }
+        self.live = 0;
+        self.by_dir.clear();
+        self.timers.clear();
+    }
+
+    fn adopt(&mut self, exported: ExportedFlow, on_end: Option<super::OnEnd>) {
+        let ExportedFlow {
+            state,
+            socks,
+            pending,
+        } = exported;
+        let flow = super::flow::Flow::restore(&state, socks, pending, on_end, &mut self.pool);
+        let (slot, generation) = self.insert(flow);
         self.dispatch_timer(slot, generation);
+        self.recover_congestion(slot, generation);
     }
 
     fn refuse(&mut self, new: NewFlow) {
