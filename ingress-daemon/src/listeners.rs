@@ -121,6 +121,15 @@ impl BoundListener {
     }
 }
 
+impl BoundListener {
+    /// A listening socket handed over by the previous daemon in a takeover.
+    pub fn inherited(listener: std::net::TcpListener) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        Ok(Self { listener, addr })
+    }
+}
+
 /// Binds `ip:port` for an ingress: `SO_REUSEADDR`, dual-stack when `ip` is `::`, non-blocking.
 pub fn bind(ip: IpAddr, port: u16) -> Result<BoundListener, BindError> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -196,6 +205,8 @@ fn listening_process(port: u16) -> Option<String> {
 
 struct Active {
     handle: Arc<IngressHandle>,
+    /// A duplicate of the listening socket, to hand to the next daemon in a takeover.
+    socket: Option<std::os::fd::OwnedFd>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -243,6 +254,13 @@ impl Listeners {
         bound: BoundListener,
     ) -> Result<Option<StopTask>, BindError> {
         let addr = bound.addr;
+        let socket = match bound.listener.try_clone() {
+            Ok(dup) => Some(std::os::fd::OwnedFd::from(dup)),
+            Err(e) => {
+                tracing::warn!(ingress = name, error = %e, "cannot keep a copy of the listening socket for a takeover");
+                None
+            }
+        };
         let listener = TcpListener::from_std(bound.listener)
             .map_err(|source| BindError::Io { addr, source })?;
         let (stop, closed) = watch::channel(false);
@@ -259,7 +277,15 @@ impl Listeners {
             .active
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.to_owned(), Active { handle, stop, task });
+            .insert(
+                id.to_owned(),
+                Active {
+                    handle,
+                    socket,
+                    stop,
+                    task,
+                },
+            );
         Ok(previous.map(StopTask))
     }
 
@@ -279,6 +305,7 @@ impl Listeners {
             handle,
             stop,
             mut task,
+            ..
         } = task.0;
         let _ = stop.send(true);
         if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
@@ -308,6 +335,16 @@ impl Listeners {
             .collect();
         rows.sort_by(|a, b| a.name.cmp(&b.name));
         rows
+    }
+
+    /// Duplicates of every listening socket with its bound address, for a takeover.
+    pub fn export(&self) -> std::io::Result<Vec<(SocketAddr, std::os::fd::OwnedFd)>> {
+        let active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        active
+            .values()
+            .filter_map(|a| Some((a.handle.local_addr, a.socket.as_ref()?)))
+            .map(|(addr, fd)| Ok((addr, fd.try_clone()?)))
+            .collect()
     }
 
     /// Detaches every listener (for shutdown).

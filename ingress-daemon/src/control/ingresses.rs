@@ -304,7 +304,11 @@ impl ControlPlane {
                 }
             };
             let routes = Arc::new(ArcSwap::from_pointee(table));
-            let bind_error = match listeners::bind(self.listen_ip(), ingress.listen_port) {
+            let bound = match self.take_inherited(ingress.listen_port) {
+                Some(inherited) => Ok(inherited),
+                None => listeners::bind(self.listen_ip(), ingress.listen_port),
+            };
+            let bind_error = match bound {
                 Ok(bound) => self
                     .start_listener(&ingress, &routes, bound)
                     .await

@@ -115,6 +115,9 @@ pub struct ControlPlane {
     reserved: Vec<u16>,
     state: AsyncMutex<State>,
     failed: Mutex<Vec<FailedRecord>>,
+    /// Listening sockets handed over by the previous daemon, by port; used by
+    /// [`Self::load`] instead of binding, so no connection in their backlog is lost.
+    inherited: Mutex<BTreeMap<u16, crate::listeners::BoundListener>>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -144,7 +147,32 @@ impl ControlPlane {
             listeners: Listeners::new(handler),
             state: AsyncMutex::new(State::default()),
             failed: Mutex::new(Vec::new()),
+            inherited: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Listening sockets handed over by the previous daemon; call before [`Self::load`].
+    /// Sockets no record claims are closed after the load.
+    pub fn inherit_listeners(&self, bound: Vec<crate::listeners::BoundListener>) {
+        let mut inherited = self
+            .inherited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for b in bound {
+            inherited.insert(b.local_addr().port(), b);
+        }
+    }
+
+    fn take_inherited(&self, port: u16) -> Option<crate::listeners::BoundListener> {
+        self.inherited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port)
+    }
+
+    /// Duplicates of every ingress listening socket, for a takeover.
+    pub fn export_listeners(&self) -> std::io::Result<Vec<(SocketAddr, std::os::fd::OwnedFd)>> {
+        self.listeners.export()
     }
 
     /// The shared tables for the data path.

@@ -25,6 +25,10 @@ impl ControlPlane {
         self.load_certificates();
         self.load_claims().await;
         self.load_ingresses().await;
+        self.inherited
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     fn load_instances(&self) {

@@ -16,11 +16,13 @@
 //! # Layout
 //! - `refusal`: the stable refusal reasons.
 //! - `conn`: one connection from accept to hand-off.
+//! - `handoff`: pausing the accept loops and adopting flows for a takeover.
 //! - `terminate`: the rustls handshake and the relay of terminated flows.
 //! - `observe`: what the data path shows — metrics at scrape time, live flows for `/flows`,
 //!   the `/readyz` component.
 
 mod conn;
+mod handoff;
 mod observe;
 mod refusal;
 mod terminate;
@@ -33,9 +35,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+    task::JoinHandle,
+};
 use tracing::{Instrument as _, debug, warn};
 
+pub use handoff::PauseError;
 pub use refusal::{Reason, Refusal};
 
 use crate::{
@@ -92,6 +99,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     terminated: observe::TerminatedFlows,
+    /// True while a takeover has the accept loops paused.
+    paused: watch::Sender<bool>,
 }
 
 impl DataPlane {
@@ -129,6 +138,7 @@ impl DataPlane {
                 metrics,
                 access_log,
                 terminated: observe::TerminatedFlows::default(),
+                paused: watch::channel(false).0,
             }),
         }
     }
@@ -206,7 +216,16 @@ impl ConnectionHandler for DataPlane {
             tracing::info_span!("listener", ingress = %ingress.name, addr = %ingress.local_addr);
         tokio::spawn(
             async move {
+                let mut paused = dp.inner.paused.subscribe();
                 loop {
+                    // Paused for a takeover: connections wait in the backlog for the next
+                    // daemon, which gets this listening socket.
+                    if *paused.borrow_and_update() {
+                        tokio::select! {
+                            () = ingress.closed() => return,
+                            _ = paused.wait_for(|p| !*p) => {}
+                        }
+                    }
                     let permit = tokio::select! {
                         () = ingress.closed() => return,
                         permit = dp.inner.handshakes.clone().acquire_owned() => match permit {
@@ -216,6 +235,7 @@ impl ConnectionHandler for DataPlane {
                     };
                     let accepted = tokio::select! {
                         () = ingress.closed() => return,
+                        _ = paused.wait_for(|p| *p) => continue,
                         accepted = listener.accept() => accepted,
                     };
                     match accepted {

@@ -74,6 +74,14 @@ impl Drop for LiveGuard<'_> {
 }
 
 impl TerminatedFlows {
+    /// Terminated flows live now.
+    pub(super) fn len(&self) -> usize {
+        self.flows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     pub(super) fn insert(&self, id: u64, conn: &Conn) -> LiveGuard<'_> {
         let flow = Arc::new(LiveTerminated {
             tag: conn.counters.tag(),
