@@ -34,6 +34,10 @@ pub struct Cli {
     /// Address ingress listeners bind (default `::`, dual-stack).
     #[arg(long)]
     pub listen_addr: Option<String>,
+    /// Take the listeners, the API and the spliced flows over from the daemon running on the
+    /// same data directory, then tell it to exit (a zero-loss upgrade).
+    #[arg(long)]
+    pub takeover: bool,
     /// Subcommand; without one, run the daemon.
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -275,6 +275,9 @@ pub struct Config {
     pub access_log: AccessLog,
     /// Largest API request body, in bytes.
     pub api_max_body_bytes: usize,
+    /// After handing over to a new daemon, how long terminated flows (which stay with this
+    /// daemon) may run on before it exits.
+    pub takeover_drain_ms: u64,
 }
 
 impl Default for Config {
@@ -302,6 +305,7 @@ impl Default for Config {
             dns_negative_ttl_ms: 5_000,
             access_log: AccessLog::Stderr,
             api_max_body_bytes: 1 << 20,
+            takeover_drain_ms: 300_000,
         }
     }
 }
@@ -354,6 +358,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("dns_negative_ttl_ms", Kind::Int),
     ("access_log", Kind::Str),
     ("api_max_body_bytes", Kind::Int),
+    ("takeover_drain_ms", Kind::Int),
 ];
 
 /// The environment variable for a key: `RESERVED_PORTS` keeps its historical bare name.

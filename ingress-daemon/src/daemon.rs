@@ -62,6 +62,22 @@ pub fn bind_api(mut config: Config) -> Result<(std::net::TcpListener, Shared), D
     Ok((listener, shared))
 }
 
+/// Like [`bind_api`] for an API socket handed over by the previous daemon (takeover).
+pub fn adopt_api(
+    mut config: Config,
+    listener: std::net::TcpListener,
+) -> Result<(std::net::TcpListener, Shared), DaemonError> {
+    let addr = config.api_listen;
+    let err = |source| DaemonError::ApiBind { addr, source };
+    listener.set_nonblocking(true).map_err(err)?;
+    config.api_listen = listener.local_addr().map_err(err)?;
+    let shared = Shared::new(config).map_err(DaemonError::Resolver)?;
+    Ok((listener, shared))
+}
+
+/// Called once the records are loaded and the listeners run, just before the API serves.
+pub type OnLoaded = Box<dyn FnOnce(Arc<ControlPlane>) + Send>;
+
 /// What the daemon runs with besides its configuration.
 pub struct Parts {
     /// Lock-free tables shared with the data path (from [`bind_api`]).
@@ -76,6 +92,15 @@ pub struct Parts {
     pub observe: Option<Arc<dyn crate::api::Observe>>,
     /// The service manager to tell when the daemon is ready and when it stops.
     pub notifier: Option<crate::notify::Notifier>,
+    /// Listening sockets handed over by the previous daemon (takeover), used instead of
+    /// binding.
+    pub inherited_listeners: Vec<crate::listeners::BoundListener>,
+    /// Called after loading, before serving (takeover: tell the old daemon to exit, serve the
+    /// control socket).
+    pub on_loaded: Option<OnLoaded>,
+    /// Set when this daemon handed over to a new one: the API stops at once and the address
+    /// file, now the new daemon's, is left alone.
+    pub handover: Option<Arc<crate::takeover::Handover>>,
 }
 
 /// Loads the store, binds the ingress listeners and serves the API on `api` until `shutdown`
@@ -91,6 +116,7 @@ pub async fn run(
         source,
     })?;
     let control = Arc::new(ControlPlane::new(parts.shared, parts.handler)?);
+    control.inherit_listeners(parts.inherited_listeners);
     control.load().await;
     let mut state = AppState::new(control.clone(), parts.token);
     state.probes = Arc::new(parts.probes);
@@ -101,9 +127,14 @@ pub async fn run(
     tracing::info!(addr = %api_addr, data_dir = %control.store().root().display(), "api listening");
     // The stable line supervisors wait for, printed even when logging is filtered.
     eprintln!("ingressd api listening on {api_addr}");
+    // READY=1 carries MAINPID: after a takeover the service manager must follow this process
+    // before the old one is told to exit.
     let notifier = parts.notifier.map(Arc::new);
     if let Some(notifier) = &notifier {
         notifier.ready(api_addr);
+    }
+    if let Some(on_loaded) = parts.on_loaded {
+        on_loaded(control.clone());
     }
     let shutdown = async move {
         shutdown.await;
@@ -111,8 +142,26 @@ pub async fn run(
             notifier.stopping();
         }
     };
-    let served = api::serve(api, api::app(state), shutdown).await;
+    let handover = parts.handover;
+    let stop = {
+        let handover = handover.clone();
+        async move {
+            match handover {
+                // Handed over: the API stops without STOPPING=1 (the service goes on).
+                Some(h) => tokio::select! {
+                    () = shutdown => {}
+                    () = h.handed_over() => {}
+                },
+                None => shutdown.await,
+            }
+        }
+    };
+    let served = api::serve(api, api::app(state), stop).await;
     control.shutdown().await;
+    if handover.as_ref().is_some_and(|h| h.is_handed_over()) {
+        tracing::info!("api stopped after the hand-off");
+        return served.map_err(DaemonError::Serve);
+    }
     if let Err(e) = control.store().remove_file(API_ADDR_FILE) {
         tracing::warn!(error = %e, "removing the api address file");
     }

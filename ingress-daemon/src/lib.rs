@@ -33,6 +33,8 @@
 //! - [`proxy`]: the data path — accept, ClientHello, route, connect, then splice or terminate.
 //! - [`proxy_protocol`]: PROXY protocol v1/v2 headers for the backend.
 //! - `testing` (tests only): prerequisites, free loopback ports, temporary directories.
+//! - [`takeover`]: zero-loss upgrades — a new daemon takes listeners, maps and spliced flows
+//!   over from the running one through a control socket in the data dir.
 //! - [`splice`]: the splice engine — the eBPF loader, the kernel path and the userspace relay
 //!   that carry a flow's bytes between two established sockets.
 pub mod access_log;
@@ -60,6 +62,7 @@ pub mod route;
 pub mod splice;
 pub mod store;
 pub mod sys;
+pub mod takeover;
 
 #[cfg(test)]
 #[allow(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use ingress_daemon::access_log::AccessLog;
 use ingress_daemon::cli::{Cli, Command};
 use ingress_daemon::config::{Config, EXIT_CONFIG};
-use ingress_daemon::{ctl, daemon, metrics, notify, proxy, splice};
+use ingress_daemon::{ctl, daemon, metrics, notify, proxy, splice, sys, takeover};
 
 /// How long live flows may run on after a shutdown signal before they are reset.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -26,6 +26,48 @@ fn engine_config(config: &Config) -> splice::EngineConfig {
         low_water_bytes: config.low_water_bytes,
         ..splice::EngineConfig::default()
     }
+}
+
+/// What this daemon hands over to the next one, besides the control plane.
+struct Handing {
+    data_plane: proxy::DataPlane,
+    api: std::os::fd::OwnedFd,
+    api_addr: std::net::SocketAddr,
+    drain: std::time::Duration,
+    handover: Arc<takeover::Handover>,
+}
+
+/// What runs once the records are loaded: finish a takeover (the old daemon exits), then
+/// serve the control socket for the next one.
+fn on_loaded(
+    inherited: Option<takeover::Inherited>,
+    handing: Handing,
+    socket: std::path::PathBuf,
+) -> daemon::OnLoaded {
+    Box::new(move |control| {
+        if let Some(inherited) = inherited {
+            match inherited.finish() {
+                Ok(()) => tracing::info!(
+                    old_pid = inherited.old_pid,
+                    took_ms = inherited.started.elapsed().as_secs_f64() * 1e3,
+                    "takeover complete; serving"
+                ),
+                Err(e) => tracing::warn!(error = %e, "telling the old daemon to exit"),
+            }
+        }
+        let side = takeover::OldSide {
+            runtime: tokio::runtime::Handle::current(),
+            data_plane: handing.data_plane,
+            control,
+            api: handing.api,
+            api_addr: handing.api_addr,
+            drain: handing.drain,
+            handover: handing.handover,
+        };
+        if let Err(e) = takeover::serve(&socket, side) {
+            tracing::warn!(error = %e, path = %socket.display(), "takeover control socket unavailable");
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -72,7 +114,28 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let (api, shared) = match daemon::bind_api(config) {
+    // Descriptors a hand-off may dup or receive, grown while the process has one thread (the
+    // table grows far slower once threads share it).
+    let fd_reserve = 2 * config.max_flows + 1024;
+    if let Err(e) = sys::reserve_fds(fd_reserve) {
+        tracing::debug!(error = %e, "cannot pre-grow the descriptor table");
+    }
+    let mut inherited = if cli.takeover {
+        match takeover::receive(&config.data_dir) {
+            Ok(inherited) => Some(inherited),
+            Err(e) => {
+                eprintln!("ingressd: takeover: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let bound = match inherited.as_mut().and_then(|i| i.api.take()) {
+        Some(api) => daemon::adopt_api(config, api),
+        None => daemon::bind_api(config),
+    };
+    let (api, shared) = match bound {
         Ok(bound) => bound,
         Err(e) => {
             eprintln!("ingressd: {e}");
@@ -93,7 +156,14 @@ fn main() -> ExitCode {
     });
     let served = runtime.block_on(async {
         let shutdown = daemon::shutdown_signal().map_err(daemon::DaemonError::Signals)?;
-        let engine = match splice::Engine::start(engine_config(&shared.config)) {
+        let started = match inherited.as_mut() {
+            Some(i) => {
+                let used = i.used_dirs();
+                splice::Engine::start_adopting(engine_config(&shared.config), i.maps.take(), &used)
+            }
+            None => splice::Engine::start(engine_config(&shared.config)),
+        };
+        let engine = match started {
             Ok(engine) => engine,
             Err(e) => {
                 eprintln!("ingressd: {e}");
@@ -116,6 +186,35 @@ fn main() -> ExitCode {
             metrics,
             access_log.clone(),
         );
+        let mut inherited_listeners = Vec::new();
+        if let Some(i) = inherited.as_mut() {
+            inherited_listeners = std::mem::take(&mut i.listeners);
+            for (flow, ingress) in std::mem::take(&mut i.flows) {
+                if let Err(e) = data_path.adopt(flow, ingress.as_deref()) {
+                    // The old daemon still holds every flow and resumes when this one exits.
+                    eprintln!("ingressd: takeover: adopting a flow: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        let handover = takeover::Handover::new();
+        let on_loaded = match api.try_clone() {
+            Ok(api_copy) => Some(on_loaded(
+                inherited,
+                Handing {
+                    data_plane: data_path.clone(),
+                    api: api_copy.into(),
+                    api_addr: shared.config.api_listen,
+                    drain: std::time::Duration::from_millis(shared.config.takeover_drain_ms),
+                    handover: handover.clone(),
+                },
+                shared.config.data_dir.join(takeover::SOCKET_FILE),
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep a copy of the api socket; takeovers disabled");
+                None
+            }
+        };
         let parts = daemon::Parts {
             shared,
             token,
@@ -123,8 +222,16 @@ fn main() -> ExitCode {
             probes: vec![Arc::new(data_path.clone())],
             observe: Some(Arc::new(data_path)),
             notifier,
+            inherited_listeners,
+            on_loaded,
+            handover: Some(handover.clone()),
         };
         let served = daemon::run(api, parts, shutdown).await;
+        if handover.is_handed_over() {
+            // The takeover thread exits the process once the terminated flows are done;
+            // nothing here may run destructors meanwhile.
+            std::future::pending::<()>().await;
+        }
         // Listeners are closed; flows still live get a short drain, then are reset.
         engine.shutdown(DRAIN).await;
         // The drained and reset flows' lines are written before the process exits.

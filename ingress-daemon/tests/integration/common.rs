@@ -150,6 +150,9 @@ impl Server {
             probes: Vec::new(),
             observe: None,
             notifier: None,
+            inherited_listeners: Vec::new(),
+            on_loaded: None,
+            handover: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
