@@ -148,6 +148,24 @@ struct Running {
     guard: ChildGuard,
 }
 
+/// A daemon started with `--takeover`, not yet known to be in charge; stopped when dropped.
+pub struct Successor {
+    guard: ChildGuard,
+    started: Instant,
+}
+
+impl Successor {
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// Waits up to `timeout` for it to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        self.guard.wait_timeout(timeout)
+    }
+}
+
 /// A running `ingressd`; stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Daemon {
     builder: DaemonBuilder,
@@ -184,18 +202,7 @@ impl Daemon {
         );
         append(&self.log, &marker)?;
 
-        let mut cmd = Command::new(&self.binary);
-        for (key, _) in env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("INGRESSD_") || key == "RESERVED_PORTS" {
-                cmd.env_remove(&*key);
-            }
-        }
-        cmd.current_dir(self.work.path())
-            .env("INGRESSD_DATA_DIR", &self.data_dir)
-            .env("INGRESSD_API_LISTEN", "127.0.0.1:0")
-            .envs(self.builder.envs.iter().map(|(k, v)| (k, v)))
-            .args(&self.builder.args);
+        let mut cmd = self.command(&self.binary);
         let mut guard = ChildGuard::spawn("ingressd", &mut cmd, Some(&self.log))?;
 
         let started = Instant::now();
@@ -225,6 +232,66 @@ impl Daemon {
         self.api_addr = Some(addr);
         self.running = Some(Running { guard });
         Ok(())
+    }
+
+    fn command(&self, binary: &Path) -> Command {
+        let mut cmd = Command::new(binary);
+        for (key, _) in env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("INGRESSD_") || key == "RESERVED_PORTS" {
+                cmd.env_remove(&*key);
+            }
+        }
+        cmd.current_dir(self.work.path())
+            .env("INGRESSD_DATA_DIR", &self.data_dir)
+            .env("INGRESSD_API_LISTEN", "127.0.0.1:0")
+            .envs(self.builder.envs.iter().map(|(k, v)| (k, v)))
+            .args(&self.builder.args);
+        cmd
+    }
+
+    /// Starts a second daemon (`binary`, or the same one) with `--takeover` on this daemon's
+    /// data directory and settings plus `extra_env`; it takes over from the running one.
+    /// Logs go to the same file. Returns at once.
+    pub fn start_successor(
+        &self,
+        binary: Option<&Path>,
+        extra_env: &[(&str, &str)],
+    ) -> Result<Successor> {
+        append(&self.log, "==== ingress-tests: takeover start ====\n")?;
+        let mut cmd = self.command(binary.unwrap_or(&self.binary));
+        cmd.arg("--takeover")
+            .envs(extra_env.iter().map(|(k, v)| (k, v)));
+        let started = Instant::now();
+        let guard = ChildGuard::spawn("ingressd (takeover)", &mut cmd, Some(&self.log))?;
+        Ok(Successor { guard, started })
+    }
+
+    /// Waits until the running daemon has exited and the successor answers `/healthz` on the
+    /// same API address; the successor is the running daemon from then on. Returns the old
+    /// daemon's exit status and how long after the successor's start it was gone.
+    pub fn complete_takeover(
+        &mut self,
+        mut successor: Successor,
+        timeout: Duration,
+    ) -> Result<(ExitStatus, Duration)> {
+        let mut old = self.take_running()?;
+        let (status, gone_after) = wait_until("the old ingressd to exit", timeout, || {
+            successor.guard.ensure_running()?;
+            Ok(old
+                .guard
+                .try_wait()?
+                .map(|status| (status, successor.started.elapsed())))
+        })?;
+        let api = self.api()?;
+        wait_until("the new ingressd to answer GET /healthz", timeout, || {
+            successor.guard.ensure_running()?;
+            Ok(api.healthz().ok().filter(|r| r.status == 200).map(drop))
+        })?;
+        self.running = Some(Running {
+            guard: successor.guard,
+        });
+        Ok((status, gone_after))
     }
 
     /// The address of the API (of the latest start).

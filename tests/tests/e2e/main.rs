@@ -22,3 +22,4 @@ mod proxy_protocol;
 mod refusals;
 mod routing;
 mod service;
+mod takeover;

@@ -1,0 +1,452 @@
+//! Zero-loss upgrades on the real binary: a second `ingressd --takeover` takes the listeners,
+//! the API and every spliced flow over from the running daemon while flows move bytes
+//! (checksummed bulk both ways, ping-pong, idle) and new connections arrive; nothing is lost,
+//! duplicated, refused or reset, and the old process is gone. A successor that dies halfway
+//! leaves the old daemon running everything, including FINs that arrived meanwhile; terminated
+//! flows stay with the old daemon until they end.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use ingress_tests::{Daemon, echo::EchoServer, pki::Pki, tls::client_hello, tls::tls_connect};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::common::{Ingress, certificate, create_ingress, instance, kernel_daemon, rule};
+
+const SNI: &str = "pt.takeover.test";
+const BULK_FLOWS: usize = 4;
+const PING_FLOWS: usize = 8;
+/// Live flows during the hand-off, all kinds together.
+const LIVE_FLOWS: usize = 1_000;
+const CHUNK: usize = 64 << 10;
+
+/// Block `seq` of bulk flow `tag`: every block differs.
+fn block(tag: u64, seq: u64) -> Vec<u8> {
+    let mut x = ((tag << 40) | seq).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..CHUNK)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A passthrough connection whose ClientHello came back through the echo backend.
+fn open_flow(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let hello = client_hello(SNI, &[]).map_err(|e| std::io::Error::other(e.to_string()))?;
+    stream.write_all(&hello)?;
+    let mut back = vec![0_u8; hello.len()];
+    stream.read_exact(&mut back)?;
+    if back != hello {
+        return Err(std::io::Error::other("the hello came back altered"));
+    }
+    Ok(stream)
+}
+
+/// Writes 8 bytes, reads them back, half-closes, and expects the echo's FIN.
+fn round_trip_and_close(mut stream: TcpStream, tag: u64) -> std::io::Result<()> {
+    let sent = tag.to_le_bytes();
+    stream.write_all(&sent)?;
+    let mut back = [0_u8; 8];
+    stream.read_exact(&mut back)?;
+    if back != sent {
+        return Err(std::io::Error::other("the echo came back altered"));
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(std::io::Error::other("bytes after the last echo"));
+    }
+    Ok(())
+}
+
+/// A bulk flow: one thread writes blocks (paced), another reads the echo; both hash.
+struct Bulk {
+    writer: JoinHandle<(u64, Vec<u8>)>,
+    reader: JoinHandle<(u64, Vec<u8>)>,
+}
+
+impl Bulk {
+    fn start(stream: TcpStream, tag: u64, stop: Arc<AtomicBool>) -> Self {
+        let mut write_half = stream.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let (mut bytes, mut hash, mut seq) = (0_u64, Sha256::new(), 0);
+            while !stop.load(Ordering::SeqCst) {
+                let b = block(tag, seq);
+                write_half.write_all(&b).unwrap();
+                hash.update(&b);
+                bytes += b.len() as u64;
+                seq += 1;
+                // About 20 MB/s per flow: bulk, without starving the machine.
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            write_half.shutdown(Shutdown::Write).unwrap();
+            (bytes, hash.finalize().to_vec())
+        });
+        let mut read_half = stream;
+        let reader = std::thread::spawn(move || {
+            let (mut bytes, mut hash) = (0_u64, Sha256::new());
+            let mut buf = vec![0_u8; CHUNK];
+            loop {
+                let n = read_half.read(&mut buf).unwrap();
+                if n == 0 {
+                    return (bytes, hash.finalize().to_vec());
+                }
+                hash.update(&buf[..n]);
+                bytes += n as u64;
+            }
+        });
+        Self { writer, reader }
+    }
+
+    /// Bytes each way, after checking the echo equals what was sent.
+    fn finish(self, tag: u64) -> u64 {
+        let (sent, sent_hash) = self.writer.join().unwrap();
+        let (got, got_hash) = self.reader.join().unwrap();
+        assert_eq!(
+            got, sent,
+            "bulk flow {tag}: bytes back differ from bytes sent"
+        );
+        assert_eq!(got_hash, sent_hash, "bulk flow {tag}: the echo differs");
+        sent
+    }
+}
+
+/// The ping-pong flows, and RTT samples with the time each ping was sent.
+type Pings = (Vec<TcpStream>, Vec<(Instant, Duration)>);
+
+/// Ping-pong over a few flows, round robin.
+fn ping_pong(mut flows: Vec<TcpStream>, stop: Arc<AtomicBool>) -> JoinHandle<Pings> {
+    std::thread::spawn(move || {
+        let mut samples = Vec::new();
+        let mut seq = 0_u64;
+        while !stop.load(Ordering::SeqCst) {
+            for (i, flow) in flows.iter_mut().enumerate() {
+                let msg = [seq.to_le_bytes(), (i as u64).to_le_bytes()].concat();
+                let at = Instant::now();
+                flow.write_all(&msg).unwrap();
+                let mut back = [0_u8; 16];
+                flow.read_exact(&mut back).unwrap();
+                assert_eq!(
+                    &back[..],
+                    &msg[..],
+                    "ping {seq} on flow {i} came back altered"
+                );
+                samples.push((at, at.elapsed()));
+                seq += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (flows, samples)
+    })
+}
+
+/// New connections at `per_second`, each routed, echoed and closed; counts successes and
+/// keeps the failures.
+struct Churn {
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: JoinHandle<()>,
+}
+
+impl Churn {
+    fn start(addr: SocketAddr, per_second: u64, stop: Arc<AtomicBool>) -> Self {
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (ok, failures) = (ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let interval = Duration::from_micros(1_000_000 / per_second);
+                let mut next = Instant::now();
+                let mut n = 0_u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let result = open_flow(addr).and_then(|s| round_trip_and_close(s, n));
+                    match result {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{:?}: {e}", e.kind())),
+                    }
+                    n += 1;
+                    next += interval;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            })
+        };
+        Self {
+            ok,
+            failures,
+            thread,
+        }
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.thread.join().unwrap();
+        let failures = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// A daemon on the kernel path with one passthrough ingress to an echo server.
+fn passthrough_setup() -> Option<(Daemon, EchoServer, Ingress)> {
+    let daemon = kernel_daemon(&[])?;
+    let api = daemon.api().unwrap();
+    let echo = EchoServer::start(Ipv4Addr::LOCALHOST).unwrap();
+    instance(&api, "vm", Ipv4Addr::LOCALHOST);
+    let ingress = create_ingress(
+        &api,
+        "upgrade",
+        json!([rule(SNI, "vm", echo.addr().port(), "passthrough")]),
+        None,
+    );
+    Some((daemon, echo, ingress))
+}
+
+/// The daemon's own figure for a hand-off (`took_ms` of its "handed over" line).
+fn handed_over_ms(log: &str) -> Option<String> {
+    let line = log.lines().rev().find(|l| l.contains("handed over"))?;
+    let at = line.find("took_ms=")?;
+    Some(line[at + 8..].split_whitespace().next()?.to_owned())
+}
+
+fn live_flows(daemon: &Daemon) -> usize {
+    let flows = daemon.api().unwrap().get("/flows?limit=1000").unwrap();
+    flows.assert_status(200)["flows"].as_array().unwrap().len()
+}
+
+#[test]
+fn serial_takeover_keeps_a_thousand_live_flows_and_every_new_connection() {
+    let Some((mut daemon, _echo, ingress)) = passthrough_setup() else {
+        return;
+    };
+    let addr = ingress.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk: Vec<Bulk> = (0..BULK_FLOWS)
+        .map(|t| Bulk::start(open_flow(addr).unwrap(), t as u64, stop.clone()))
+        .collect();
+    let pings = ping_pong(
+        (0..PING_FLOWS).map(|_| open_flow(addr).unwrap()).collect(),
+        stop.clone(),
+    );
+    let idle: Vec<TcpStream> = (0..LIVE_FLOWS - BULK_FLOWS - PING_FLOWS)
+        .map(|_| open_flow(addr).unwrap())
+        .collect();
+    assert_eq!(live_flows(&daemon), LIVE_FLOWS, "every flow is live before");
+    let churn = Churn::start(addr, 1_000, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+
+    let old_pid = daemon.pid().unwrap();
+    let successor = daemon.start_successor(None, &[]).unwrap();
+    let handoff_started = Instant::now();
+    let (status, gone_after) = daemon
+        .complete_takeover(successor, Duration::from_secs(20))
+        .unwrap();
+    let handoff_ended = Instant::now();
+    assert!(
+        status.success(),
+        "the old daemon exited cleanly: {status:?}"
+    );
+    assert_ne!(daemon.pid(), Some(old_pid));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the old process is gone"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        live_flows(&daemon) >= LIVE_FLOWS,
+        "the new daemon lists every flow"
+    );
+
+    stop.store(true, Ordering::SeqCst);
+    let (connections, failures) = churn.finish();
+    let bulk_bytes: u64 = bulk
+        .into_iter()
+        .enumerate()
+        .map(|(t, b)| b.finish(t as u64))
+        .sum();
+    let (ping_flows, samples) = pings.join().unwrap();
+    for (i, flow) in idle.into_iter().chain(ping_flows).enumerate() {
+        round_trip_and_close(flow, i as u64)
+            .unwrap_or_else(|e| panic!("live flow {i} after the takeover: {e}"));
+    }
+    let window = handoff_started..handoff_ended + Duration::from_millis(100);
+    let worst_during = samples
+        .iter()
+        .filter(|(at, _)| window.contains(at))
+        .map(|(_, rtt)| *rtt)
+        .max()
+        .unwrap_or_default();
+    let worst = samples
+        .iter()
+        .map(|(_, rtt)| *rtt)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "takeover: {LIVE_FLOWS} live flows; old process gone {:.1} ms after the successor \
+         started (daemon's hand-off: {} ms); worst ping-pong RTT during the hand-off {:.2} ms \
+         (whole run {:.2} ms, {} pings); {connections} new connections, {} failed; {bulk_bytes} \
+         bytes each way on {BULK_FLOWS} bulk flows",
+        gone_after.as_secs_f64() * 1e3,
+        handed_over_ms(&daemon.log()).unwrap_or_else(|| "?".to_owned()),
+        worst_during.as_secs_f64() * 1e3,
+        worst.as_secs_f64() * 1e3,
+        samples.len(),
+        failures.len(),
+    );
+    assert!(failures.is_empty(), "new connections failed: {failures:?}");
+    assert!(connections > 0);
+    assert!(
+        gone_after < Duration::from_secs(10),
+        "the old process lingered {gone_after:?}"
+    );
+}
+
+#[test]
+fn takeover_whose_successor_dies_leaves_the_old_daemon_running_everything() {
+    let Some((mut daemon, echo, ingress)) = passthrough_setup() else {
+        return;
+    };
+    let addr = ingress.addr();
+    let mut flows: Vec<TcpStream> = (0..40).map(|_| open_flow(addr).unwrap()).collect();
+    let closing: Vec<TcpStream> = flows.drain(..20).collect();
+    let old_pid = daemon.pid().unwrap();
+    let mut successor = daemon
+        .start_successor(
+            None,
+            &[("INGRESSD_TAKEOVER_TEST_HOOK", "exit-after-ack:1500")],
+        )
+        .unwrap();
+    daemon
+        .wait_for_log("accepting paused and flows frozen", Duration::from_secs(10))
+        .unwrap();
+    // While the old daemon is frozen and the successor holds copies of every socket: FINs
+    // from clients, and bytes on the others (the kernel still carries those).
+    for flow in &closing {
+        flow.shutdown(Shutdown::Write).unwrap();
+    }
+    for (i, flow) in flows.iter_mut().enumerate() {
+        flow.write_all(&(i as u64).to_le_bytes()).unwrap();
+    }
+    let status = successor
+        .wait_exit(Duration::from_secs(10))
+        .unwrap()
+        .expect("the successor exits");
+    assert_eq!(status.code(), Some(3), "the test hook ended the successor");
+    daemon
+        .wait_for_log("takeover failed; resumed", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(daemon.pid(), Some(old_pid));
+    assert!(daemon.is_running().unwrap(), "the old daemon runs on");
+    // The FINs that arrived while frozen reached the backend, which answered with its own.
+    for (i, mut flow) in closing.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        flow.read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("closing flow {i}: {e}"));
+        assert!(rest.is_empty(), "closing flow {i}: unexpected bytes");
+    }
+    let mut ends = 0;
+    while ends < 20 {
+        match echo.next_end(Duration::from_secs(10)).unwrap().1 {
+            ingress_tests::echo::ConnEnd::Eof { .. } => ends += 1,
+            other => panic!("a backend connection ended with {other:?}"),
+        }
+    }
+    for (i, mut flow) in flows.into_iter().enumerate() {
+        let mut back = [0_u8; 8];
+        flow.read_exact(&mut back).unwrap();
+        assert_eq!(
+            back,
+            (i as u64).to_le_bytes(),
+            "flow {i}: bytes sent while frozen"
+        );
+        round_trip_and_close(flow, i as u64).unwrap();
+    }
+    // Accepting resumed.
+    round_trip_and_close(open_flow(addr).unwrap(), 7).unwrap();
+}
+
+#[test]
+fn takeover_leaves_terminated_flows_with_the_old_daemon_until_they_end() {
+    let Some(mut daemon) = kernel_daemon(&[]) else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let pki = Pki::new().unwrap();
+    let echo = EchoServer::start(Ipv4Addr::LOCALHOST).unwrap();
+    instance(&api, "vm", Ipv4Addr::LOCALHOST);
+    certificate(&api, &pki, "tm", &["tm.takeover.test"]);
+    let ingress = create_ingress(
+        &api,
+        "mixed",
+        json!([
+            rule(SNI, "vm", echo.addr().port(), "passthrough"),
+            rule("tm.takeover.test", "vm", echo.addr().port(), "terminate"),
+        ]),
+        None,
+    );
+    let addr = ingress.addr();
+    let client = pki.client_config(&[]).unwrap();
+    let mut terminated = tls_connect(addr, "tm.takeover.test", client.clone()).unwrap();
+    let echo_once = |tls: &mut ingress_tests::tls::TlsStream, n: u64| {
+        tls.write_all(&n.to_le_bytes()).unwrap();
+        tls.flush().unwrap();
+        let mut back = [0_u8; 8];
+        tls.read_exact(&mut back).unwrap();
+        assert_eq!(back, n.to_le_bytes());
+    };
+    echo_once(&mut terminated, 1);
+    let spliced = open_flow(addr).unwrap();
+    let old_pid = daemon.pid().unwrap();
+
+    let successor = daemon.start_successor(None, &[]).unwrap();
+    let new_pid = successor.pid();
+    let proc_dir = format!("/proc/{new_pid}");
+    ingress_tests::process::wait_until("the successor to serve", Duration::from_secs(20), || {
+        Ok(daemon
+            .log()
+            .contains("takeover complete; serving")
+            .then_some(()))
+    })
+    .unwrap();
+    assert!(std::path::Path::new(&proc_dir).exists());
+    // The old daemon stays for its terminated flow, which keeps working; new connections,
+    // spliced or terminated, go to the new daemon.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the old daemon waits for its terminated flow"
+    );
+    echo_once(&mut terminated, 2);
+    round_trip_and_close(spliced, 3).unwrap();
+    let mut fresh = tls_connect(addr, "tm.takeover.test", client).unwrap();
+    echo_once(&mut fresh, 4);
+    drop(fresh);
+    round_trip_and_close(open_flow(addr).unwrap(), 5).unwrap();
+    // Once the terminated flow ends, the old daemon exits by itself.
+    terminated.conn.send_close_notify();
+    terminated.flush().unwrap();
+    drop(terminated);
+    let (status, _) = daemon
+        .complete_takeover(successor, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(daemon.pid(), Some(new_pid));
+    assert!(status.success(), "{status:?}");
+}
