@@ -2,7 +2,8 @@
 //! real daemon on the kernel path, configured over its API, with Rust peers only (the guests
 //! carry no `openssl` or `curl`). Passthrough to a rustls echo server, and terminate to a plain
 //! echo server with the certificate held by the daemon; every byte checked, and the passthrough
-//! bytes counted on the kernel path.
+//! bytes counted on the kernel path. The takeover sequence (a successor taking spliced flows
+//! over, and one dying halfway) runs here too.
 
 use std::{io::Write as _, net::Ipv4Addr, time::Duration};
 
@@ -113,4 +114,15 @@ fn passthrough_and_terminate_through_the_daemon_with_rust_peers() {
         "the kernel path carried the passthrough flow: {kernel} of {ECHOED} bytes (relay {relayed}, \
          the terminated flow's {ECHOED} among them)"
     );
+}
+
+#[test]
+fn takeover_hands_spliced_flows_and_new_connections_to_a_successor() {
+    // Fewer flows than on the host: the guest's CPU is emulated.
+    crate::takeover::upgrade_under_load(200, 200);
+}
+
+#[test]
+fn takeover_resumes_everything_when_the_successor_dies() {
+    crate::takeover::successor_dies_halfway();
 }
