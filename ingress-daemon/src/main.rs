@@ -198,6 +198,7 @@ fn main() -> ExitCode {
             }
         }
         let handover = takeover::Handover::new();
+        let control_socket = shared.config.data_dir.join(takeover::SOCKET_FILE);
         let on_loaded = match api.try_clone() {
             Ok(api_copy) => Some(on_loaded(
                 inherited,
@@ -208,7 +209,7 @@ fn main() -> ExitCode {
                     drain: std::time::Duration::from_millis(shared.config.takeover_drain_ms),
                     handover: handover.clone(),
                 },
-                shared.config.data_dir.join(takeover::SOCKET_FILE),
+                control_socket.clone(),
             )),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot keep a copy of the api socket; takeovers disabled");
@@ -232,6 +233,8 @@ fn main() -> ExitCode {
             // nothing here may run destructors meanwhile.
             std::future::pending::<()>().await;
         }
+        // No takeover from a daemon that stops.
+        let _ = std::fs::remove_file(control_socket);
         // Listeners are closed; flows still live get a short drain, then are reset.
         engine.shutdown(DRAIN).await;
         // The drained and reset flows' lines are written before the process exits.

@@ -186,3 +186,33 @@ pub enum TakeoverError {
     #[error("takeover protocol: {0}")]
     Protocol(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Compat;
+
+    #[test]
+    fn different_map_layouts_or_state_formats_are_refused_with_both_versions() {
+        let mine = Compat::current();
+        assert_eq!(mine.incompatibility(&mine.clone()), None);
+        let other_program = Compat {
+            program: "0000000000000000".to_owned(),
+            ..mine.clone()
+        };
+        assert_eq!(mine.incompatibility(&other_program), None);
+        let layout = Compat {
+            map_layout: mine.map_layout + 1,
+            version: "9.9.9".to_owned(),
+            ..mine.clone()
+        };
+        let reason = mine.incompatibility(&layout).unwrap();
+        assert!(reason.contains("eBPF map layout"), "{reason}");
+        assert!(reason.contains("9.9.9"), "{reason}");
+        let format = Compat {
+            state_format: mine.state_format + 1,
+            ..mine.clone()
+        };
+        let reason = mine.incompatibility(&format).unwrap();
+        assert!(reason.contains("state format"), "{reason}");
+    }
+}
