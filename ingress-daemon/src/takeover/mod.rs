@@ -29,7 +29,7 @@
 //!  holds it), adopts the flows into its shards (FIN/RST watching starts), loads the
 //!  records from the data dir onto the inherited listeners, serves the API
 //!  Exit                      ──▶          forgets its flows without touching sockets or maps;
-//!                                         `_exit`s at once, or stays for its terminated flows
+//!                                         exits at once (no destructor runs), or stays for its terminated flows
 //! ```
 //! Old copies of every descriptor stay open until `Exit`: until then the old daemon can
 //! resume as if nothing happened.
