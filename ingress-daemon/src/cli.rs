@@ -1,5 +1,5 @@
 //! The `ingressd` command line: the daemon's flags (the top layer of the configuration) and
-//! the `ctl` subcommand.
+//! the `ctl` and `upgrade` subcommands.
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{EXIT_CONFIG, Sources};
 use crate::ctl::CtlArgs;
+use crate::upgrade::UpgradeArgs;
 
 /// ingressd: an SNI-routing TCP ingress.
 #[derive(Debug, Parser)]
@@ -50,6 +51,9 @@ pub enum Command {
     Run,
     /// Talk to a running daemon's API.
     Ctl(CtlArgs),
+    /// Start this binary as a new daemon that takes the running one's listeners, API and
+    /// spliced flows over; return once it serves (a service manager's reload command).
+    Upgrade(UpgradeArgs),
 }
 
 /// A command line that does not run anything: help or version text, or a usage error.

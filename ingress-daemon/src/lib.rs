@@ -21,6 +21,7 @@
 //! - [`control`]: every control-plane operation, applied to store, listeners and tables.
 //! - [`daemon`]: the lifecycle: bind the API, load the store, serve, shut down.
 //! - [`cli`] and [`ctl`]: the command line, and the operator client speaking to the API.
+//! - [`upgrade`]: `ingressd upgrade`, starting the daemon that takes the running one over.
 //! - [`sys`]: every raw syscall (setsockopt, ioctl, `TCP_INFO`, `mmap`), each `unsafe` block
 //!   in one place.
 //! - [`connect`]: backend connect with a timeout; keepalive and `TCP_USER_TIMEOUT` on both
@@ -63,6 +64,7 @@ pub mod splice;
 pub mod store;
 pub mod sys;
 pub mod takeover;
+pub mod upgrade;
 
 #[cfg(test)]
 #[allow(

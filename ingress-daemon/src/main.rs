@@ -5,7 +5,7 @@ use std::sync::Arc;
 use ingress_daemon::access_log::AccessLog;
 use ingress_daemon::cli::{Cli, Command};
 use ingress_daemon::config::{Config, EXIT_CONFIG};
-use ingress_daemon::{ctl, daemon, metrics, notify, proxy, splice, sys, takeover};
+use ingress_daemon::{ctl, daemon, metrics, notify, proxy, splice, sys, takeover, upgrade};
 
 /// How long live flows may run on after a shutdown signal before they are reset.
 const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
@@ -70,6 +70,33 @@ fn on_loaded(
     })
 }
 
+/// `ingressd upgrade`: start this binary with `--takeover` and wait until it serves.
+fn upgrade(config: &Config, args: &upgrade::UpgradeArgs) -> ExitCode {
+    let program = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("ingressd: upgrade: locating this executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    match upgrade::run(
+        &program,
+        &upgrade::takeover_args(&argv),
+        &config.data_dir,
+        std::time::Duration::from_secs(args.timeout_secs),
+    ) {
+        Ok(pid) => {
+            println!("ingressd: pid {pid} took over");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ingressd: upgrade: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
@@ -106,6 +133,9 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return config_error(e),
     };
+    if let Some(Command::Upgrade(args)) = &cli.command {
+        return upgrade(&config, args);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

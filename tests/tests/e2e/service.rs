@@ -309,3 +309,120 @@ fn a_bad_notify_socket_is_reported_and_the_daemon_serves() {
         daemon.log()
     );
 }
+
+/// Stops a process the test started indirectly (SIGTERM by PID) when dropped.
+struct Reaped(u32);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+        let deadline = Instant::now() + WAIT;
+        while process_alive(self.0) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether `pid` runs (a zombie counts as gone).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn upgrade_command_hands_the_daemon_over_and_the_service_manager_follows_it() {
+    let work = WorkDir::new("ingt-upgrade-").unwrap();
+    let socket_path = work.join("notify.sock");
+    let manager = UnixDatagram::bind(&socket_path).unwrap();
+    manager.set_read_timeout(Some(WAIT)).unwrap();
+    let Some(daemon) =
+        crate::common::kernel_daemon(&[("NOTIFY_SOCKET", socket_path.to_str().unwrap())])
+    else {
+        return;
+    };
+    let old_pid = daemon.pid().unwrap();
+    assert!(next_notification(&manager).starts_with("READY=1\n"));
+
+    // A live spliced flow that must survive the upgrade.
+    let api = daemon.api().unwrap();
+    let echo = ingress_tests::echo::EchoServer::start(next_loopback()).unwrap();
+    instance(&api, "vm", echo.addr().ip());
+    let ingress = create_ingress(
+        &api,
+        "upgraded",
+        serde_json::json!([rule(
+            "vm.upgrade.test",
+            "vm",
+            echo.addr().port(),
+            "passthrough"
+        )]),
+        None,
+    );
+    let mut flow = TcpStream::connect(ingress.addr()).unwrap();
+    flow.set_read_timeout(Some(WAIT)).unwrap();
+    let hello = client_hello("vm.upgrade.test", &[]).unwrap();
+    let round_trip = |flow: &mut TcpStream, payload: &[u8]| {
+        use std::io::{Read as _, Write as _};
+        flow.write_all(payload).unwrap();
+        let mut back = vec![0u8; payload.len()];
+        flow.read_exact(&mut back).unwrap();
+        assert_eq!(back, payload, "the flow echoes byte-exact");
+    };
+    round_trip(&mut flow, &hello);
+
+    let log = work.join("upgrade.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let status = Command::new(ingressd_binary().unwrap())
+        .args(["upgrade", "--timeout-secs", "30"])
+        .env("INGRESSD_DATA_DIR", daemon.data_dir())
+        .env("INGRESSD_API_LISTEN", "127.0.0.1:0")
+        .env("INGRESSD_OFFLOAD", "required")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .status()
+        .unwrap();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "ingressd upgrade: {status:?}\n{said}");
+    let new_pid: u32 = said
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("ingressd: pid ")?
+                .strip_suffix(" took over")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("upgrade names the new daemon: {said}"));
+    let _new = Reaped(new_pid);
+    assert_ne!(new_pid, old_pid);
+    let ready = next_notification(&manager);
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(
+        ready.contains(&format!("\nMAINPID={new_pid}\n")),
+        "the service manager is told the new main PID: {ready:?}"
+    );
+
+    let deadline = Instant::now() + WAIT;
+    while process_alive(old_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!process_alive(old_pid), "the old daemon exited");
+    round_trip(&mut flow, b"still spliced after the upgrade");
+    api.healthz().unwrap().assert_status(200);
+    assert!(
+        std::fs::read_dir(daemon.data_dir()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("upgrade-")),
+        "the private notification socket is removed"
+    );
+    drop(_new);
+    assert!(next_notification(&manager).starts_with("STOPPING=1\n"));
+}
