@@ -79,7 +79,10 @@ impl Notifier {
         Self::to(Some(target(NOTIFY_SOCKET_ENV, address)?), None)
     }
 
-    fn to(manager: Option<SocketAddr>, ready_only: Option<SocketAddr>) -> Result<Self, NotifyError> {
+    fn to(
+        manager: Option<SocketAddr>,
+        ready_only: Option<SocketAddr>,
+    ) -> Result<Self, NotifyError> {
         let socket = UnixDatagram::unbound().map_err(|source| NotifyError::Socket {
             variable: NOTIFY_SOCKET_ENV,
             source,
@@ -96,7 +99,7 @@ impl Notifier {
     pub fn send(&self, state: &str) -> io::Result<()> {
         match &self.manager {
             Some(addr) => self.socket.send_to_addr(state.as_bytes(), addr),
-            None => Ok(()),
+            None => Ok(0),
         }
         .map(drop)
     }
@@ -188,7 +191,10 @@ mod tests {
     fn the_ready_socket_gets_ready_only_and_a_missing_one_does_not_stop_the_manager() {
         let dir = tempfile::tempdir().unwrap();
         let (m, r) = (dir.path().join("manager"), dir.path().join("ready"));
-        let (manager, ready) = (UnixDatagram::bind(&m).unwrap(), UnixDatagram::bind(&r).unwrap());
+        let (manager, ready) = (
+            UnixDatagram::bind(&m).unwrap(),
+            UnixDatagram::bind(&r).unwrap(),
+        );
         let addr = |p: &std::path::Path| target(READY_SOCKET_ENV, p.as_os_str()).unwrap();
         let notifier = Notifier::to(Some(addr(&m)), Some(addr(&r))).unwrap();
         notifier.ready("127.0.0.1:1".parse().unwrap());
@@ -197,7 +203,10 @@ mod tests {
         notifier.stopping();
         assert!(received(&manager).starts_with("STOPPING=1\n"));
         ready.set_nonblocking(true).unwrap();
-        assert!(ready.recv(&mut [0u8; 64]).is_err(), "STOPPING=1 is not sent to the ready socket");
+        assert!(
+            ready.recv(&mut [0u8; 64]).is_err(),
+            "STOPPING=1 is not sent to the ready socket"
+        );
 
         let gone = Notifier::to(Some(addr(&m)), Some(addr(&dir.path().join("gone")))).unwrap();
         gone.ready("127.0.0.1:1".parse().unwrap());
