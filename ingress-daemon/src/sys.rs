@@ -606,25 +606,172 @@ pub fn probe_ktls() -> io::Result<bool> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let client = std::net::TcpStream::connect(listener.local_addr()?)?;
     let _server = listener.accept()?;
+    match set_tls_ulp(client.as_fd()) {
+        Ok(()) => Ok(true),
+        Err(err) => match err.raw_os_error() {
+            Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENOPROTOOPT) => Ok(false),
+            _ => Err(err),
+        },
+    }
+}
+
+/// Sets the `tls` upper layer protocol on a connected TCP socket (`TCP_ULP`, Linux 4.13); the
+/// layer cannot be removed again.
+pub fn set_tls_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
     let name = b"tls";
     // SAFETY: `name` is readable for its length during the call.
-    let ret = unsafe {
+    cvt(unsafe {
         libc::setsockopt(
-            client.as_raw_fd(),
+            fd.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_ULP,
             name.as_ptr().cast(),
             name.len() as libc::socklen_t,
         )
+    })?;
+    Ok(())
+}
+
+/// Which half of a kTLS socket a key belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsDirection {
+    /// Records the socket sends (`TLS_TX`).
+    Transmit,
+    /// Records the socket receives (`TLS_RX`, Linux 4.17).
+    Receive,
+}
+
+/// Installs one direction's key (`setsockopt(SOL_TLS, TLS_TX | TLS_RX)`) on a socket that has
+/// the `tls` upper layer; `info` is a `tls12_crypto_info_*` structure in the kernel's layout.
+pub fn set_tls_crypto_info(
+    fd: BorrowedFd<'_>,
+    direction: TlsDirection,
+    info: &[u8],
+) -> io::Result<()> {
+    let name = match direction {
+        TlsDirection::Transmit => libc::TLS_TX,
+        TlsDirection::Receive => libc::TLS_RX,
     };
-    if ret == 0 {
-        return Ok(true);
+    // SAFETY: `info` is readable for its length during the call; the kernel copies it.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_TLS,
+            name,
+            info.as_ptr().cast(),
+            libc::socklen_t::try_from(info.len()).unwrap_or(libc::socklen_t::MAX),
+        )
+    })?;
+    Ok(())
+}
+
+/// A non-blocking pipe, `(read end, write end)`, grown to `bytes` where the kernel allows it
+/// (`F_SETPIPE_SZ`; a refusal keeps the default 64 KiB). Returns the pipe's capacity.
+pub fn pipe(bytes: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is writable for two descriptors.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
+    // SAFETY: `pipe2` succeeded, so both descriptors are open and owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: plain fcntl on an owned descriptor.
+    let _ = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    // SAFETY: plain fcntl on an owned descriptor.
+    let size = cvt(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) })?;
+    Ok((r, w, usize::try_from(size).unwrap_or(0)))
+}
+
+/// Non-blocking `splice(2)` of at most `len` bytes from `from` to `to` (one of them a pipe),
+/// moving pages instead of copying where the kernel can; `Ok(0)` is end of stream on `from`.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: null offsets are allowed (and required for sockets and pipes); no memory of
+    // ours is touched.
+    cvt_size(unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    })
+}
+
+/// Control-message space for one byte of `SOL_TLS` data, in `u64`s so that it is aligned for
+/// `cmsghdr`.
+const TLS_CMSG_WORDS: usize = 4;
+
+/// Non-blocking `recvmsg` of one record from a kTLS receive socket: the record type (from the
+/// `TLS_GET_RECORD_TYPE` control message; 23 when the kernel attached none) and the bytes
+/// read into `buf`. The kernel never merges records of different types in one call.
+pub fn recv_tls_record(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(u8, usize)> {
+    let mut control = [0u64; TLS_CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero `msghdr` is valid (no name, no iovecs, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at `iov` (covering `buf`) and `control`, all live and writable for
+    // the duration of the call.
+    let n = cvt_size(unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) })?;
+    let mut record_type = 23;
+    // SAFETY: `msg` was filled by the kernel; CMSG_FIRSTHDR/CMSG_NXTHDR stay inside
+    // `msg_control`/`msg_controllen`, and CMSG_DATA of a `SOL_TLS` message holds one byte.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_TLS && (*cmsg).cmsg_type == libc::TLS_GET_RECORD_TYPE
+            {
+                record_type = *libc::CMSG_DATA(cmsg);
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
     }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::ENOENT | libc::EOPNOTSUPP | libc::ENOPROTOOPT) => Ok(false),
-        _ => Err(err),
+    Ok((record_type, n))
+}
+
+/// Non-blocking `sendmsg` of `payload` as one record of `record_type` on a kTLS transmit socket
+/// (`TLS_SET_RECORD_TYPE`, e.g. 21 for an alert), without `SIGPIPE`.
+pub fn send_tls_record(fd: BorrowedFd<'_>, record_type: u8, payload: &[u8]) -> io::Result<usize> {
+    let mut control = [0u64; TLS_CMSG_WORDS];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: an all-zero `msghdr` is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(1) } as usize;
+    // SAFETY: `control` holds at least CMSG_SPACE(1) bytes (checked by the unit tests) and is
+    // aligned for `cmsghdr`; the header and its one data byte are written inside it. The
+    // kernel only reads from `iov` (the payload), despite the mutable pointer type.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        if cmsg.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        (*cmsg).cmsg_level = libc::SOL_TLS;
+        (*cmsg).cmsg_type = libc::TLS_SET_RECORD_TYPE;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(1) as usize;
+        *libc::CMSG_DATA(cmsg) = record_type;
     }
+    // SAFETY: `msg` points at live `iov` and `control` for the duration of the call.
+    cvt_size(unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &raw const msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
 }
 
 /// Registers a descriptor owner (e.g. a BPF ring buffer) in the current tokio reactor.
@@ -654,3 +801,16 @@ pub use fdpass::{
     MAX_FDS_PER_MESSAGE, recv_with_fds, reserve_fds, send_with_fds, seqpacket_accept,
     seqpacket_connect, seqpacket_listen, set_recv_timeout,
 };
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tls_record_type_control_message_fits_its_buffer() {
+        // SAFETY: pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(1) } as usize;
+        assert!(
+            space <= super::TLS_CMSG_WORDS * 8,
+            "CMSG_SPACE(1) = {space}"
+        );
+    }
+}
