@@ -51,7 +51,7 @@ pub const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
 pub enum FlowPath {
     /// The eBPF sockhash splice.
     Sockmap = 0,
-    /// kTLS with `splice(2)` (reserved: this build never uses it).
+    /// A terminated flow whose keys are in the kernel (kTLS), moved with `splice(2)`.
     KtlsSplice = 1,
     /// A userspace relay.
     Userspace = 2,
@@ -102,6 +102,8 @@ pub struct IngressMetrics {
     ends: [AtomicU64; splice::FlowEnd::ALL.len()],
     /// Bytes moved by the terminate relay (spliced flows are summed by the engine).
     relayed: [AtomicU64; 2],
+    /// Bytes of terminated flows moved by `splice(2)` between a kTLS socket and the backend.
+    ktls_spliced: [AtomicU64; 2],
     /// Accept → complete ClientHello.
     pub hello: DurationHistogram,
     /// Complete ClientHello → backend connected (route, resolve, policy, connect).
@@ -128,6 +130,7 @@ impl IngressMetrics {
             ended: std::array::from_fn(|_| zeros()),
             ends: zeros(),
             relayed: zeros(),
+            ktls_spliced: zeros(),
             hello: DurationHistogram::new(PHASE_BOUNDS),
             connect: DurationHistogram::new(PHASE_BOUNDS),
             tls_handshake: DurationHistogram::new(PHASE_BOUNDS),
@@ -189,6 +192,13 @@ impl IngressMetrics {
     /// The terminate relay moved `bytes` in `direction` (0 = client → backend).
     pub fn on_relayed(&self, direction: usize, bytes: u64) {
         if let Some(c) = self.relayed.get(direction) {
+            c.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// A kTLS flow spliced `bytes` in `direction` (0 = client → backend).
+    pub fn on_ktls_spliced(&self, direction: usize, bytes: u64) {
+        if let Some(c) = self.ktls_spliced.get(direction) {
             c.fetch_add(bytes, Ordering::Relaxed);
         }
     }

@@ -197,8 +197,9 @@ impl Scrape {
             e,
             "ingressd_bytes",
             "Bytes moved, by direction and by the path that carried them: sockmap bytes were \
-             redirected by the kernel (read from the eBPF per-flow counters), userspace bytes \
-             were relayed by the daemon.",
+             redirected by the kernel (read from the eBPF per-flow counters), ktls_splice bytes \
+             were spliced between a kTLS socket and the backend, userspace bytes were relayed \
+             by the daemon.",
             MetricType::Counter,
             Self::per_ingress(ing, |m, s| {
                 let engine = usage
@@ -210,7 +211,15 @@ impl Scrape {
                 for (d, (bytes, direction)) in dirs.iter().zip(DIRECTIONS).enumerate() {
                     let relayed =
                         bytes.relayed + m.relayed.get(d).map_or(0, |c| c.load(Ordering::Relaxed));
-                    for (path, v) in [("sockmap", bytes.kernel), ("userspace", relayed)] {
+                    let ktls = m
+                        .ktls_spliced
+                        .get(d)
+                        .map_or(0, |c| c.load(Ordering::Relaxed));
+                    for (path, v) in [
+                        ("sockmap", bytes.kernel),
+                        ("ktls_splice", ktls),
+                        ("userspace", relayed),
+                    ] {
                         s.push((
                             [
                                 ("ingress", &*m.name),

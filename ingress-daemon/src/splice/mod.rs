@@ -190,11 +190,18 @@ pub enum FlowEnd {
     /// repeated head of a retransmitted segment); both sides were reset rather than given a
     /// corrupted stream.
     KernelError,
+    /// A terminated flow on kTLS: the client sent a TLS 1.3 `KeyUpdate`, which the kernel
+    /// cannot take (before Linux 6.14); what came before it was delivered, then both sides
+    /// were closed (`close_notify` and FIN to the client, FIN to the backend).
+    TlsKeyUpdate,
+    /// A terminated flow on kTLS: the kernel refused the session's keys after they were
+    /// extracted; both sides were reset before a byte of data moved.
+    KtlsInstallFailed,
 }
 
 impl FlowEnd {
     /// Every end, in declaration order (`end as usize` indexes it).
-    pub const ALL: [FlowEnd; 10] = [
+    pub const ALL: [FlowEnd; 12] = [
         Self::Closed,
         Self::ClientReset,
         Self::BackendReset,
@@ -205,6 +212,8 @@ impl FlowEnd {
         Self::Shutdown,
         Self::IdleTimeout,
         Self::KernelError,
+        Self::TlsKeyUpdate,
+        Self::KtlsInstallFailed,
     ];
 
     /// Stable lower-case name.
@@ -220,6 +229,8 @@ impl FlowEnd {
             Self::Shutdown => "shutdown",
             Self::IdleTimeout => "idle_timeout",
             Self::KernelError => "kernel_error",
+            Self::TlsKeyUpdate => "tls_key_update",
+            Self::KtlsInstallFailed => "ktls_install_failed",
         }
     }
 }
