@@ -35,7 +35,8 @@ pub trait Observe: Send + Sync + 'static {
 /// Bytes of one direction, by who moved them.
 #[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct ByteCounts {
-    /// Redirected by the kernel (eBPF per-flow counter).
+    /// Moved by the kernel: redirected by the eBPF program (`sockmap`, its per-flow counter) or
+    /// spliced between a kTLS socket and the backend (`ktls_splice`).
     pub kernel: u64,
     /// Relayed by the daemon.
     pub relayed: u64,

@@ -4,7 +4,8 @@
 //! ```text
 //!  accept ──▶ [handshake permit] ──▶ Postgres SSLRequest? ──▶ peek ClientHello ──▶ route
 //!     ──▶ resolve ──▶ backend policy ──▶ connect (+ PROXY header)
-//!     ──▶ passthrough: Engine::splice (kernel or relay)   terminate: rustls ──▶ relay
+//!     ──▶ passthrough: Engine::splice (kernel or relay)
+//!     ──▶ terminate: rustls handshake ──▶ kTLS + splice (where the kernel has it) or relay
 //! ```
 //!
 //! The accept loop never does per-connection work itself: it takes a permit (at most
@@ -18,11 +19,14 @@
 //! - `conn`: one connection from accept to hand-off.
 //! - `handoff`: pausing the accept loops and adopting flows for a takeover.
 //! - `terminate`: the rustls handshake and the relay of terminated flows.
+//! - [`ktls`]: terminated flows on kernel TLS — keys installed after the handshake, bytes
+//!   moved with `splice(2)`.
 //! - `observe`: what the data path shows — metrics at scrape time, live flows for `/flows`,
 //!   the `/readyz` component.
 
 mod conn;
 mod handoff;
+pub mod ktls;
 mod observe;
 mod refusal;
 mod terminate;
@@ -95,7 +99,7 @@ struct Inner {
     tls: terminate::TlsConfigs,
     handshakes: Arc<Semaphore>,
     flows: AtomicUsize,
-    ktls: bool,
+    ktls: ktls::Support,
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     terminated: observe::TerminatedFlows,
@@ -113,19 +117,21 @@ impl DataPlane {
         metrics: Arc<Metrics>,
         access_log: AccessLog,
     ) -> Self {
-        let ktls = match crate::sys::probe_ktls() {
-            Ok(available) => available,
+        let ktls = match ktls::Support::probe() {
+            Ok(support) => support,
             Err(err) => {
                 warn!(error = %err, "cannot probe for kernel tls");
-                false
+                ktls::Support::none()
             }
         };
         tracing::info!(
-            ktls_available = ktls,
+            ktls_available = ktls.available(),
+            ktls_ciphers = ?ktls.names(),
             splice_path = engine.path().as_str(),
-            "data path ready; terminated flows use the rustls relay"
+            terminated_path = if ktls.available() { "ktls_splice" } else { "userspace" },
+            "data path ready"
         );
-        let tls = terminate::TlsConfigs::new(shared.certs.clone());
+        let tls = terminate::TlsConfigs::new(shared.certs.clone(), ktls.provider());
         Self {
             inner: Arc::new(Inner {
                 handshakes: Arc::new(Semaphore::new(settings.max_handshakes.max(1))),
@@ -160,7 +166,7 @@ impl DataPlane {
 
     /// Whether the kernel offers kernel TLS (probed at start-up).
     pub fn ktls_available(&self) -> bool {
-        self.inner.ktls
+        self.inner.ktls.available()
     }
 
     /// Flows (passthrough and terminated) now.

@@ -33,20 +33,46 @@ pub(super) struct LiveTerminated {
     client: SocketAddr,
     backend: Option<SocketAddr>,
     started: Instant,
-    bytes: [AtomicU64; 2],
+    path: FlowPath,
+    /// Bytes that crossed userspace, by direction.
+    relayed: [AtomicU64; 2],
+    /// Bytes `splice(2)` moved between a kTLS socket and the backend, by direction.
+    spliced: [AtomicU64; 2],
+}
+
+fn read(counts: &[AtomicU64; 2]) -> [u64; 2] {
+    [0, 1].map(|d| counts.get(d).map_or(0, |c| c.load(Ordering::Relaxed)))
 }
 
 impl LiveTerminated {
-    /// Counts `bytes` relayed in `direction` (0 = client → backend).
+    /// Counts `bytes` relayed through userspace in `direction` (0 = client → backend).
     pub(super) fn add(&self, direction: usize, bytes: u64) {
-        if let Some(c) = self.bytes.get(direction) {
+        if let Some(c) = self.relayed.get(direction) {
             c.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
-    /// Bytes relayed so far, `[client → backend, backend → client]`.
+    /// Counts `bytes` spliced in the kernel in `direction`.
+    pub(super) fn add_spliced(&self, direction: usize, bytes: u64) {
+        if let Some(c) = self.spliced.get(direction) {
+            c.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes moved so far on any path, `[client → backend, backend → client]`.
     pub(super) fn bytes(&self) -> [u64; 2] {
-        [0, 1].map(|d| self.bytes.get(d).map_or(0, |c| c.load(Ordering::Relaxed)))
+        let (r, s) = (read(&self.relayed), read(&self.spliced));
+        [r[0] + s[0], r[1] + s[1]]
+    }
+
+    /// Bytes that crossed userspace so far.
+    pub(super) fn relayed(&self) -> [u64; 2] {
+        read(&self.relayed)
+    }
+
+    /// Bytes spliced in the kernel so far.
+    pub(super) fn spliced(&self) -> [u64; 2] {
+        read(&self.spliced)
     }
 }
 
@@ -82,13 +108,15 @@ impl TerminatedFlows {
             .len()
     }
 
-    pub(super) fn insert(&self, id: u64, conn: &Conn) -> LiveGuard<'_> {
+    pub(super) fn insert(&self, id: u64, conn: &Conn, path: FlowPath) -> LiveGuard<'_> {
         let flow = Arc::new(LiveTerminated {
             tag: conn.counters.tag(),
             client: conn.client,
             backend: conn.backend,
             started: Instant::now(),
-            bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+            path,
+            relayed: [AtomicU64::new(0), AtomicU64::new(0)],
+            spliced: [AtomicU64::new(0), AtomicU64::new(0)],
         });
         self.flows
             .lock()
@@ -119,7 +147,7 @@ impl DataPlane {
         DataPathView {
             usage: engine.usage().await,
             program_loaded: engine.path() == splice::Path::Sockmap,
-            ktls_available: self.inner.ktls,
+            ktls_available: self.inner.ktls.available(),
             sockhash_entries: engine.kernel_dirs_in_use().unwrap_or(0),
             sockhash_capacity: engine.kernel_capacity().unwrap_or(0),
         }
@@ -167,21 +195,21 @@ impl DataPlane {
             })
             .collect();
         for (id, f) in self.inner.terminated.page(after, limit) {
-            let [up, down] = f.bytes();
+            let ([up, down], [up_k, down_k]) = (f.relayed(), f.spliced());
             entries.push(FlowEntry {
                 id,
                 ingress: name(f.tag),
                 mode: metrics::mode_str(Mode::Terminate).to_owned(),
-                path: FlowPath::Userspace.as_str().to_owned(),
+                path: f.path.as_str().to_owned(),
                 client: Some(f.client.to_string()),
                 backend: f.backend.map(|a| a.to_string()),
                 age_ms: u64::try_from(f.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 client_to_backend: ByteCounts {
-                    kernel: 0,
+                    kernel: up_k,
                     relayed: up,
                 },
                 backend_to_client: ByteCounts {
-                    kernel: 0,
+                    kernel: down_k,
                     relayed: down,
                 },
                 gated: false,
@@ -229,12 +257,18 @@ impl ReadinessProbe for DataPlane {
                 },
                 "ebpf_loaded": loaded,
                 "ebpf_unavailable_reason": engine.kernel_unavailable_reason(),
-                "ktls_available": self.inner.ktls,
-                "terminated_flows_path": "userspace",
+                "ktls_available": self.inner.ktls.available(),
+                "ktls_ciphers": self.inner.ktls.names(),
+                "terminated_flows_path": if self.inner.ktls.available() {
+                    FlowPath::KtlsSplice.as_str()
+                } else {
+                    FlowPath::Userspace.as_str()
+                },
                 "flows": self.active_flows(),
                 "kernel_flows": engine.kernel_dirs_in_use().unwrap_or(0) / 2,
                 "flows_by_path": {
                     "sockmap": live(Mode::Passthrough, FlowPath::Sockmap),
+                    "ktls_splice": live(Mode::Terminate, FlowPath::KtlsSplice),
                     "userspace": live(Mode::Passthrough, FlowPath::Userspace)
                         + live(Mode::Terminate, FlowPath::Userspace),
                 },

@@ -1,10 +1,11 @@
 //! Terminated flows: the rustls handshake with the client (certificate chosen by SNI from the
-//! store), then plaintext to the backend through a userspace relay.
+//! store), then plaintext to the backend — on kernel TLS with `splice(2)` where the kernel
+//! offers it (see [`super::ktls`]), else through a userspace relay.
 //!
 //! Terminated flows never enter the sockhash: kTLS and sockmap exclude each other on patched
-//! kernels, and this host has no kTLS. The relay copies each direction through one bounded
-//! buffer; end of stream becomes a `close_notify` + FIN toward the client or a FIN toward the
-//! backend, and a reset or error on one side resets the other (`SO_LINGER {1, 0}`).
+//! kernels. The userspace relay copies each direction through one bounded buffer; end of
+//! stream becomes a `close_notify` + FIN toward the client or a FIN toward the backend, and a
+//! reset or error on one side resets the other (`SO_LINGER {1, 0}`).
 
 use std::{
     collections::HashMap,
@@ -15,16 +16,16 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use rustls::ServerConfig;
+use rustls::{ServerConfig, crypto::CryptoProvider};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::TcpStream,
     sync::OwnedSemaphorePermit,
 };
 use tokio_rustls::TlsAcceptor;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::{DataPlane, FlowSlot, Reason, Refusal, conn::Conn, observe::LiveGuard};
+use super::{DataPlane, FlowSlot, Reason, Refusal, conn::Conn, ktls, observe::LiveGuard};
 use crate::{
     access_log::Outcome,
     certs::CertStore,
@@ -49,6 +50,7 @@ const RELAY_BUFFER_BYTES: usize = 16 << 10;
 /// rules ever configured, so the cache is never pruned.
 pub(super) struct TlsConfigs {
     certs: Arc<CertStore>,
+    ktls: Option<Arc<CryptoProvider>>,
     plain: Arc<ServerConfig>,
     by_alpn: ArcSwap<ConfigsByAlpn>,
 }
@@ -57,12 +59,15 @@ pub(super) struct TlsConfigs {
 type ConfigsByAlpn = HashMap<Box<[Vec<u8>]>, Arc<ServerConfig>>;
 
 impl TlsConfigs {
-    pub(super) fn new(certs: Arc<CertStore>) -> Self {
-        let plain = build(&certs, &[]);
+    /// Configurations over `certs`; with `ktls` (the kernel's cipher suites) they offer only
+    /// those suites and allow secret extraction, so every session can move to the kernel.
+    pub(super) fn new(certs: Arc<CertStore>, ktls: Option<Arc<CryptoProvider>>) -> Self {
+        let plain = build(&certs, ktls.as_ref(), &[]);
         let postgres: Box<[Vec<u8>]> = Box::new([POSTGRES_ALPN.as_bytes().to_vec()]);
-        let by_alpn = HashMap::from([(postgres.clone(), build(&certs, &postgres))]);
+        let by_alpn = HashMap::from([(postgres.clone(), build(&certs, ktls.as_ref(), &postgres))]);
         Self {
             certs,
+            ktls,
             plain,
             by_alpn: ArcSwap::from_pointee(by_alpn),
         }
@@ -76,7 +81,7 @@ impl TlsConfigs {
         if let Some(config) = self.by_alpn.load().get(alpn) {
             return config.clone();
         }
-        let config = build(&self.certs, alpn);
+        let config = build(&self.certs, self.ktls.as_ref(), alpn);
         self.by_alpn.rcu(|map| {
             let mut map = HashMap::clone(map);
             map.entry(alpn.into()).or_insert_with(|| config.clone());
@@ -86,11 +91,27 @@ impl TlsConfigs {
     }
 }
 
-fn build(certs: &Arc<CertStore>, alpn: &[Vec<u8>]) -> Arc<ServerConfig> {
-    let mut config = ServerConfig::builder()
+fn build(
+    certs: &Arc<CertStore>,
+    ktls: Option<&Arc<CryptoProvider>>,
+    alpn: &[Vec<u8>],
+) -> Arc<ServerConfig> {
+    let kernel = ktls.and_then(|provider| {
+        ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(
+                |err| warn!(error = %err, "kernel tls suites unusable; terminating in userspace"),
+            )
+            .ok()
+    });
+    let extract = kernel.is_some();
+    let mut config = kernel
+        .unwrap_or_else(ServerConfig::builder)
         .with_no_client_auth()
         .with_cert_resolver(certs.clone());
     config.alpn_protocols = alpn.to_vec();
+    // The keys leave rustls only for the kernel.
+    config.enable_secret_extraction = extract;
     Arc::new(config)
 }
 
@@ -104,6 +125,39 @@ pub(super) struct Terminated {
     pub(super) slot: FlowSlot,
     pub(super) permit: OwnedSemaphorePermit,
     pub(super) idle_timeout: Option<Duration>,
+}
+
+/// A client session after the handshake.
+enum Session {
+    /// tokio-rustls; the rustls relay carries the flow.
+    Rustls(tokio_rustls::server::TlsStream<TcpStream>),
+    /// Handshake fed record by record; the keys go to the kernel next.
+    Kernel(ktls::Handshaken),
+}
+
+impl Session {
+    fn alpn(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::Rustls(tls) => tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec),
+            Self::Kernel(h) => h.conn.alpn_protocol().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+async fn handshake(config: Arc<ServerConfig>, client: TcpStream) -> Result<Session, Refusal> {
+    let failed = |e: &dyn std::fmt::Display| Refusal::new(Reason::TlsHandshakeFailed, e);
+    if config.enable_secret_extraction {
+        let conn = rustls::ServerConnection::new(config).map_err(|e| failed(&e))?;
+        let done = ktls::handshake(client, conn)
+            .await
+            .map_err(|e| failed(&e))?;
+        return Ok(Session::Kernel(done));
+    }
+    let tls = TlsAcceptor::from(config)
+        .accept(client)
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(Session::Rustls(tls))
 }
 
 /// Handshakes with the client and connects the backend at once, then relays until both
@@ -124,15 +178,13 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     let counters = &conn.counters;
     let hello_at = conn.hello_at;
     let handshake = async {
-        let tls =
-            tokio::time::timeout_at(deadline.into(), TlsAcceptor::from(config).accept(client))
-                .await
-                .map_err(|_| {
-                    Refusal::fixed(Reason::HelloTimeout, "tls handshake not done in time")
-                })?
-                .map_err(|e| Refusal::new(Reason::TlsHandshakeFailed, e))?;
+        let session = tokio::time::timeout_at(deadline.into(), handshake(config, client))
+            .await
+            .map_err(|_| {
+                Refusal::fixed(Reason::HelloTimeout, "tls handshake not done in time")
+            })??;
         counters.tls_handshake.observe(hello_at.elapsed());
-        Ok::<_, Refusal>(tls)
+        Ok::<_, Refusal>(session)
     };
     let backend = async {
         let mut backend = connect::connect(addr, &dp.connect_options(true))
@@ -144,35 +196,68 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
         counters.connect.observe(hello_at.elapsed());
         Ok::<_, Refusal>(backend)
     };
-    let (tls, backend) = tokio::join!(handshake, backend);
-    let (tls, backend) = (tls?, backend?);
+    let (session, backend) = tokio::join!(handshake, backend);
+    let (session, backend) = (session?, backend?);
     drop(permit);
     let id = dp.inner.engine.next_flow_id();
     let mut flow = conn.take();
     if dp.inner.access_log.enabled() {
-        flow.alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        flow.alpn = session.alpn();
     }
-    let counters = flow.counters.clone();
-    let live = dp.inner.terminated.insert(id, &flow);
-    counters.on_flow_start(Mode::Terminate, FlowPath::Userspace);
-    let client_fd = tls.get_ref().0.as_fd().try_clone_to_owned().ok();
-    let backend_fd = backend.as_fd().try_clone_to_owned().ok();
-    let started = Instant::now();
-    let sides = Sides {
-        client_fd,
-        backend_fd,
-        live: &live,
-        counters: &counters,
+    let path = match session {
+        Session::Rustls(_) => FlowPath::Userspace,
+        Session::Kernel(_) => FlowPath::KtlsSplice,
     };
-    let end = relay(tls, backend, &sides, idle_timeout).await;
+    let counters = flow.counters.clone();
+    let live = dp.inner.terminated.insert(id, &flow, path);
+    counters.on_flow_start(Mode::Terminate, path);
+    let started = Instant::now();
+    let end = match session {
+        Session::Rustls(tls) => {
+            let sides = Sides {
+                client_fd: tls.get_ref().0.as_fd().try_clone_to_owned().ok(),
+                backend_fd: backend.as_fd().try_clone_to_owned().ok(),
+                live: &live,
+                counters: &counters,
+            };
+            relay(tls, backend, &sides, idle_timeout).await
+        }
+        Session::Kernel(done) => {
+            let sides = Sides {
+                client_fd: None,
+                backend_fd: None,
+                live: &live,
+                counters: &counters,
+            };
+            match ktls::install(done, &dp.inner.ktls) {
+                Ok(installed) => {
+                    debug!(
+                        flow = id,
+                        version = installed.params.0.as_str(),
+                        cipher = installed.params.1.as_str(),
+                        "session keys in the kernel"
+                    );
+                    ktls::relay(installed, backend, &sides, idle_timeout).await
+                }
+                Err(err) => {
+                    // The session is gone (or cannot move): nothing sane can be sent.
+                    warn!(flow = id, error = %err, "kernel tls refused the session");
+                    let _ = sys::set_reset_on_close(backend.as_fd());
+                    FlowEnd::KtlsInstallFailed
+                }
+            }
+        }
+    };
     let [up, down] = live.flow.bytes();
+    let [relayed_up, relayed_down] = live.flow.relayed();
     drop(live);
     let ended_at = Instant::now();
     let took = ended_at.saturating_duration_since(started);
-    counters.on_flow_end(Mode::Terminate, FlowPath::Userspace, end, took);
+    counters.on_flow_end(Mode::Terminate, path, end, took);
     drop(slot);
     debug!(
         flow = id,
+        path = path.as_str(),
         end = end.as_str(),
         up,
         down,
@@ -186,10 +271,10 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
             took,
             Outcome::Flow {
                 id,
-                path: FlowPath::Userspace,
+                path,
                 client_to_backend_bytes: up,
                 backend_to_client_bytes: down,
-                relayed_bytes: up + down,
+                relayed_bytes: relayed_up + relayed_down,
                 end,
             },
         ));
@@ -197,18 +282,25 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     Ok(())
 }
 
-/// What the relay needs besides the streams: descriptors to reset, and where to count.
-struct Sides<'a> {
+/// What a relay needs besides the streams: descriptors to reset, and where to count.
+pub(super) struct Sides<'a> {
     client_fd: Option<OwnedFd>,
     backend_fd: Option<OwnedFd>,
-    live: &'a LiveGuard<'a>,
+    pub(super) live: &'a LiveGuard<'a>,
     counters: &'a IngressMetrics,
 }
 
 impl Sides<'_> {
-    fn count(&self, direction: usize, bytes: u64) {
+    /// Counts `bytes` that crossed userspace in `direction` (0 = client → backend).
+    pub(super) fn count(&self, direction: usize, bytes: u64) {
         self.live.flow.add(direction, bytes);
         self.counters.on_relayed(direction, bytes);
+    }
+
+    /// Counts `bytes` spliced in the kernel in `direction`.
+    pub(super) fn count_kernel(&self, direction: usize, bytes: u64) {
+        self.live.flow.add_spliced(direction, bytes);
+        self.counters.on_ktls_spliced(direction, bytes);
     }
 }
 

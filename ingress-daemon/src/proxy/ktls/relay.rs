@@ -1,0 +1,309 @@
+//! Moves a kTLS flow's plaintext with `splice(2)`: client socket → pipe → backend, and
+//! backend → pipe → client socket, one non-blocking pipe per direction, driven by tokio's
+//! readiness on the two sockets. The bytes stay in the kernel (the pipe holds page
+//! references); userspace only learns how many moved.
+//!
+//! Records that are not application data stop `splice` (`EINVAL`; Linux 6.1 and 6.12) and are
+//! read with `recvmsg` and their `TLS_GET_RECORD_TYPE`:
+//! - `close_notify` ends the client's direction: the backend gets a FIN once everything
+//!   before it is delivered.
+//! - a TLS 1.3 `KeyUpdate`: kernels before 6.14 cannot take new receive keys, and the `tls`
+//!   layer cannot be removed, so the flow ends: what came before it is delivered, the backend
+//!   gets a FIN, the client a `close_notify` and a FIN, and the end is counted as
+//!   `tls_key_update`. Nothing read after it is ever passed on. Rekeying on 6.14+ is not
+//!   implemented.
+//! - any other alert or handshake message is the client's error: the backend is reset.
+//!
+//! The backend's FIN becomes a `close_notify` alert (`TLS_SET_RECORD_TYPE` 21) and a FIN to
+//! the client once everything before it is delivered. A reset or error on one side resets the
+//! other, as the rustls relay does.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncWriteExt as _, Interest},
+    net::TcpStream,
+};
+
+use tracing::debug;
+
+use super::handshake::Installed;
+use crate::{proxy::terminate::Sides, splice::FlowEnd, sys};
+
+/// Pipe size asked for per direction (the kernel may keep its 64 KiB default).
+const PIPE_BYTES: usize = 1 << 20;
+
+/// Room for one record read with `recvmsg`: 2^14 plaintext bytes and some slack.
+const RECORD_BUFFER_BYTES: usize = (1 << 14) + 256;
+
+/// TLS record content types (RFC 8446 §5.1).
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+/// Handshake message type of a `KeyUpdate` (RFC 8446 §4).
+const KEY_UPDATE: u8 = 24;
+/// A warning-level `close_notify` alert.
+const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let (r, w, capacity) = sys::pipe(PIPE_BYTES)?;
+        Ok(Self {
+            r,
+            w,
+            capacity: capacity.max(4096),
+        })
+    }
+}
+
+/// How one direction stopped without an error.
+enum Stopped {
+    /// End of stream (FIN or `close_notify`), passed on.
+    Ended,
+    /// The client sent a `KeyUpdate`; nothing after it was read.
+    KeyUpdate,
+}
+
+/// Which side of a direction failed.
+enum Failed {
+    /// Reading the source failed (or it sent something it must not).
+    Read(io::Error),
+    /// Writing the destination failed.
+    Write(io::Error),
+}
+
+/// Relays an installed kTLS flow until both directions end; returns how it ended.
+pub async fn relay(
+    installed: Installed,
+    mut backend: TcpStream,
+    sides: &Sides<'_>,
+    idle_timeout: Option<Duration>,
+) -> FlowEnd {
+    let Installed {
+        sock: client,
+        early,
+        ..
+    } = installed;
+    if !early.is_empty() {
+        // Plaintext rustls decrypted before the keys moved: it goes first.
+        if backend.write_all(&early).await.is_err() {
+            reset(&client);
+            return FlowEnd::BackendReset;
+        }
+        sides.count(0, early.len() as u64);
+    }
+    let (Ok(up_pipe), Ok(down_pipe)) = (Pipe::new(), Pipe::new()) else {
+        reset(&client);
+        reset(&backend);
+        return FlowEnd::KernelError;
+    };
+    let up = client_to_backend(&client, &backend, &up_pipe, sides);
+    let down = backend_to_client(&backend, &client, &down_pipe, sides);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut ticker = idle_timeout.map(|t| {
+        let period = (t / 4).max(Duration::from_millis(50));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    let total = || sides.live.flow.bytes().iter().sum::<u64>();
+    let (mut seen, mut since) = (total(), Instant::now());
+    while !up_done || !down_done {
+        tokio::select! {
+            Some(_) = async { Some(ticker.as_mut()?.tick().await) }, if ticker.is_some() => {
+                let now_total = total();
+                if now_total != seen {
+                    (seen, since) = (now_total, Instant::now());
+                } else if idle_timeout.is_some_and(|t| since.elapsed() >= t) {
+                    return FlowEnd::IdleTimeout;
+                }
+            }
+            r = &mut up, if !up_done => match r {
+                Ok(Stopped::Ended) => up_done = true,
+                Ok(Stopped::KeyUpdate) => {
+                    // Everything before the KeyUpdate is in the backend's socket: FIN it, and
+                    // close the client's TLS stream with the keys it still expects from us.
+                    let _ = sys::shutdown_write(backend.as_fd());
+                    let _ = close_notify(&client).await;
+                    return FlowEnd::TlsKeyUpdate;
+                }
+                Err(Failed::Read(e)) => {
+                    debug!(error = %e, "reading the kernel tls socket failed");
+                    reset(&backend);
+                    return client_read_end(&e);
+                }
+                Err(Failed::Write(e)) => {
+                    debug!(error = %e, "writing the backend failed");
+                    reset(&client);
+                    return FlowEnd::BackendReset;
+                }
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(_) => down_done = true,
+                Err(Failed::Read(e)) => {
+                    debug!(error = %e, "reading the backend failed");
+                    reset(&client);
+                    return FlowEnd::BackendReset;
+                }
+                Err(Failed::Write(e)) => {
+                    debug!(error = %e, "writing the kernel tls socket failed");
+                    reset(&backend);
+                    return FlowEnd::ClientReset;
+                }
+            },
+        }
+    }
+    FlowEnd::Closed
+}
+
+/// A failed read of the client: a reset, or a record the kernel could not authenticate (or
+/// one the client must not send).
+fn client_read_end(err: &io::Error) -> FlowEnd {
+    match err.raw_os_error() {
+        Some(libc::ECONNRESET | libc::EPIPE) => FlowEnd::ClientReset,
+        Some(libc::ETIMEDOUT) => FlowEnd::ClientTimeout,
+        _ => FlowEnd::ClientError,
+    }
+}
+
+fn reset(sock: &TcpStream) {
+    let _ = sys::set_reset_on_close(sock.as_fd());
+}
+
+/// Client (kTLS receive) → backend.
+async fn client_to_backend(
+    client: &TcpStream,
+    backend: &TcpStream,
+    pipe: &Pipe,
+    sides: &Sides<'_>,
+) -> Result<Stopped, Failed> {
+    let mut record: Vec<u8> = Vec::new();
+    loop {
+        let filled = client
+            .async_io(Interest::READABLE, || {
+                sys::splice(client.as_fd(), pipe.w.as_fd(), pipe.capacity)
+            })
+            .await;
+        match filled {
+            Ok(0) => {
+                // FIN without close_notify: the client's stream ended all the same.
+                sys::shutdown_write(backend.as_fd()).map_err(Failed::Write)?;
+                return Ok(Stopped::Ended);
+            }
+            Ok(n) => drain(pipe, n, backend, |n| sides.count_kernel(0, n))
+                .await
+                .map_err(Failed::Write)?,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) => {
+                // Not application data next: read that one record.
+                if record.is_empty() {
+                    record.resize(RECORD_BUFFER_BYTES, 0);
+                }
+                let (kind, n) = client
+                    .async_io(Interest::READABLE, || {
+                        sys::recv_tls_record(client.as_fd(), &mut record)
+                    })
+                    .await
+                    .map_err(Failed::Read)?;
+                let body = record.get(..n).unwrap_or_default();
+                match (kind, body) {
+                    (_, []) if n == 0 => {
+                        sys::shutdown_write(backend.as_fd()).map_err(Failed::Write)?;
+                        return Ok(Stopped::Ended);
+                    }
+                    (ALERT, b) if b == CLOSE_NOTIFY || b.get(1) == Some(&0) => {
+                        sys::shutdown_write(backend.as_fd()).map_err(Failed::Write)?;
+                        return Ok(Stopped::Ended);
+                    }
+                    (HANDSHAKE, [KEY_UPDATE, ..]) => return Ok(Stopped::KeyUpdate),
+                    (APPLICATION_DATA, data) => {
+                        // The kernel handed data to recvmsg after all: pass it on (counted as
+                        // relayed, since it crossed userspace).
+                        write_all(backend, data).await.map_err(Failed::Write)?;
+                        sides.count(0, data.len() as u64);
+                    }
+                    _ => {
+                        return Err(Failed::Read(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("tls record of type {kind} after the handshake"),
+                        )));
+                    }
+                }
+            }
+            Err(e) => return Err(Failed::Read(e)),
+        }
+    }
+}
+
+/// Backend → client (kTLS transmit).
+async fn backend_to_client(
+    backend: &TcpStream,
+    client: &TcpStream,
+    pipe: &Pipe,
+    sides: &Sides<'_>,
+) -> Result<Stopped, Failed> {
+    loop {
+        let n = backend
+            .async_io(Interest::READABLE, || {
+                sys::splice(backend.as_fd(), pipe.w.as_fd(), pipe.capacity)
+            })
+            .await
+            .map_err(Failed::Read)?;
+        if n == 0 {
+            close_notify(client).await.map_err(Failed::Write)?;
+            return Ok(Stopped::Ended);
+        }
+        drain(pipe, n, client, |n| sides.count_kernel(1, n))
+            .await
+            .map_err(Failed::Write)?;
+    }
+}
+
+/// Splices the `n` bytes in `pipe` into `to`, counting as they go.
+async fn drain(pipe: &Pipe, mut n: usize, to: &TcpStream, count: impl Fn(u64)) -> io::Result<()> {
+    while n > 0 {
+        let moved = to
+            .async_io(Interest::WRITABLE, || {
+                sys::splice(pipe.r.as_fd(), to.as_fd(), n)
+            })
+            .await?;
+        if moved == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        n = n.saturating_sub(moved);
+        count(moved as u64);
+    }
+    Ok(())
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = to
+            .async_io(Interest::WRITABLE, || {
+                sys::send_nonblocking(to.as_fd(), data)
+            })
+            .await?;
+        data = data.get(n..).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// Sends a `close_notify` alert through the kernel's TLS, then a FIN.
+async fn close_notify(client: &TcpStream) -> io::Result<()> {
+    client
+        .async_io(Interest::WRITABLE, || {
+            sys::send_tls_record(client.as_fd(), ALERT, &CLOSE_NOTIFY)
+        })
+        .await?;
+    sys::shutdown_write(client.as_fd())
+}
