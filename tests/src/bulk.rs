@@ -73,7 +73,9 @@ impl BulkSpec {
         }
     }
 
-    fn header(&self) -> [u8; HEADER_BYTES] {
+    /// The 48-byte header that opens an exchange (sent by clients that drive the exchange
+    /// themselves, e.g. through TLS).
+    pub fn header(&self) -> [u8; HEADER_BYTES] {
         let mut h = [0_u8; HEADER_BYTES];
         h[..8].copy_from_slice(MAGIC);
         let fields = [

@@ -11,6 +11,7 @@
 //! - [`pattern`]: seeded byte streams and their verification, rate limiting.
 //! - [`pki`], [`tls`]: throw-away CAs and certificates; ClientHello bytes; a rustls echo
 //!   server; `openssl s_server`; a rustls client.
+//! - [`tls_bulk`]: the bulk exchange through a rustls client, optionally with a `KeyUpdate`.
 //! - [`servers`]: postgres, redis, sshd and dnsmasq as real servers.
 //! - [`netns`]: network namespaces joined by a veth pair, for a second host.
 //! - [`tcp`]: abortive close (RST).
@@ -43,6 +44,7 @@ pub mod servers;
 pub mod skip;
 pub mod tcp;
 pub mod tls;
+pub mod tls_bulk;
 pub mod tools;
 pub mod workdir;
 

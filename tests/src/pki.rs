@@ -95,6 +95,23 @@ impl Pki {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
+
+    /// A rustls client configuration trusting only this CA that offers exactly one cipher
+    /// suite (and so one TLS version).
+    pub fn client_config_suite(&self, suite: rustls::CipherSuite) -> Result<Arc<ClientConfig>> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        let version = provider
+            .cipher_suites
+            .first()
+            .map(|s| s.version())
+            .ok_or_else(|| crate::error::Error::Mismatch(format!("ring has no {suite:?}")))?;
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])?
+            .with_root_certificates(self.roots()?)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
 }
 
 /// A certificate and its private key.

@@ -1,0 +1,318 @@
+//! Terminated flows on kernel TLS (the kernel matrix runs these in its Debian 6.1 and 6.12
+//! guests, which load the `tls` and crypto modules and set `INGRESSD_EXPECT_KTLS=1`): after the
+//! rustls handshake the daemon installs the session keys in the kernel and splices the
+//! plaintext, so the userspace relay carries no byte of the flow. A rustls client moves
+//! checksummed streams both ways at once. Where the kernel has no TLS (this host) the same
+//! tests show the fallback: the flows run on the rustls relay and are reported as `userspace`.
+
+use std::{
+    net::Ipv4Addr,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use ingress_tests::{
+    api::ApiClient,
+    bulk::{BulkServer, BulkSpec, Preamble, ServerReport},
+    daemon::Daemon,
+    pki::Pki,
+    tls_bulk::{TlsSideReport, tls_exchange},
+};
+use rustls::CipherSuite;
+use serde_json::{Value, json};
+
+use crate::common::{Ingress, bytes_metric, certificate, create_ingress, instance, metric, rule};
+
+/// MiB each way of the bulk flows (the guest gets `INGRESSD_TEST_SCALE_MIB`; this host runs a
+/// smaller transfer on the relay).
+fn scale_mib() -> u64 {
+    std::env::var("INGRESSD_TEST_SCALE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+
+/// Whether the run requires kTLS (the guests of the kernel matrix).
+fn ktls_expected() -> bool {
+    std::env::var("INGRESSD_EXPECT_KTLS").is_ok_and(|v| v == "1")
+}
+
+/// A daemon with one terminate ingress (`name`) to a bulk server, and whether it has kTLS.
+struct Setup {
+    daemon: Daemon,
+    api: ApiClient,
+    pki: Pki,
+    backend: BulkServer,
+    ingress: Ingress,
+    name: &'static str,
+    ktls: bool,
+}
+
+const SNI: &str = "bulk.ktls.test";
+
+fn setup(name: &'static str) -> Setup {
+    let daemon = Daemon::start().expect("ingressd starts");
+    let api = daemon.api().unwrap();
+    let ready = api.readyz().unwrap();
+    let detail = &ready.body["components"]["data_path"]["detail"];
+    let ktls = detail["ktls_available"] == json!(true);
+    let gauge = metric(&api, "ingressd_ktls_available", &[]);
+    assert_eq!(gauge, if ktls { 1.0 } else { 0.0 }, "{}", ready.text);
+    if ktls_expected() {
+        assert!(ktls, "this kernel must offer kTLS: {}", ready.text);
+    }
+    assert_eq!(
+        detail["terminated_flows_path"],
+        json!(if ktls { "ktls_splice" } else { "userspace" }),
+        "{}",
+        ready.text
+    );
+    let pki = Pki::new().unwrap();
+    let backend = BulkServer::start(Ipv4Addr::LOCALHOST, Preamble::None).unwrap();
+    instance(&api, "vm", Ipv4Addr::LOCALHOST);
+    certificate(&api, &pki, name, &[SNI]);
+    let ingress = create_ingress(
+        &api,
+        name,
+        json!([rule(SNI, "vm", backend.addr().port(), "terminate")]),
+        None,
+    );
+    Setup {
+        daemon,
+        api,
+        pki,
+        backend,
+        ingress,
+        name,
+        ktls,
+    }
+}
+
+impl Setup {
+    /// The path the daemon reports terminated flows on.
+    fn path(&self) -> &'static str {
+        if self.ktls {
+            "ktls_splice"
+        } else {
+            "userspace"
+        }
+    }
+
+    fn bytes(&self, path: &str, direction: &str) -> f64 {
+        bytes_metric(
+            &self.api,
+            &[
+                &format!("ingress=\"{}\"", self.name),
+                &format!("direction=\"{direction}\""),
+                &format!("path=\"{path}\""),
+            ],
+        )
+    }
+
+    fn ended(&self, end: &str) -> f64 {
+        metric(
+            &self.api,
+            "ingressd_flows_ended_total",
+            &[
+                &format!("ingress=\"{}\"", self.name),
+                &format!("end=\"{end}\""),
+            ],
+        )
+    }
+
+    /// The live terminated flows of this ingress in `/flows`.
+    fn live_flows(&self) -> Vec<Value> {
+        let flows = self.api.get("/flows?limit=1000").unwrap();
+        flows.assert_status(200)["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["ingress"] == json!(self.name) && f["mode"] == json!("terminate"))
+            .cloned()
+            .collect()
+    }
+
+    /// Runs `spec` through the ingress with a client offering only `suite`, checking `/flows`
+    /// while it runs; returns both sides' reports and the `/flows` entry seen.
+    fn exchange(
+        &self,
+        suite: CipherSuite,
+        spec: &BulkSpec,
+        key_update_after: Option<u64>,
+    ) -> (TlsSideReport, ServerReport, Value) {
+        let config = self.pki.client_config_suite(suite).unwrap();
+        let (addr, spec_c) = (self.ingress.addr(), spec.clone());
+        let client = thread::spawn(move || {
+            tls_exchange(addr, SNI, Arc::clone(&config), &spec_c, key_update_after)
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let entry = loop {
+            if let Some(f) = self.live_flows().into_iter().next() {
+                break f;
+            }
+            assert!(
+                !client.is_finished() && Instant::now() < deadline,
+                "no live terminated flow in /flows"
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let client = client.join().unwrap().unwrap();
+        let server = self.backend.next_report(Duration::from_secs(120)).unwrap();
+        (client, server, entry)
+    }
+
+    /// Waits until no terminated flow of this ingress is live (flows are counted when they
+    /// end).
+    fn wait_flows_ended(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.live_flows().is_empty() {
+            assert!(Instant::now() < deadline, "terminated flows did not end");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn tls13_and_tls12() -> [(CipherSuite, &'static str); 2] {
+    [
+        (CipherSuite::TLS13_AES_128_GCM_SHA256, "tls1.3 aes-128-gcm"),
+        (
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            "tls1.2 aes-256-gcm",
+        ),
+    ]
+}
+
+#[test]
+fn terminated_bulk_flows_move_byte_exact_on_kernel_tls_with_tls12_and_tls13() {
+    let s = setup("ktls-bulk");
+    let bytes = scale_mib() << 20;
+    for (i, (suite, label)) in tls13_and_tls12().into_iter().enumerate() {
+        let before = [
+            s.bytes(s.path(), "client_to_backend"),
+            s.bytes(s.path(), "backend_to_client"),
+        ];
+        let relayed_before = [
+            s.bytes("userspace", "client_to_backend"),
+            s.bytes("userspace", "backend_to_client"),
+        ];
+        let started = Instant::now();
+        let spec = BulkSpec::both_ways(bytes, 0x6b74_6c73 + i as u64);
+        let (client, server, entry) = s.exchange(suite, &spec, None);
+        let took = started.elapsed();
+        assert_eq!(entry["path"], json!(s.path()), "{label}: {entry}");
+        assert!(
+            client.write_error.is_none() && client.read_error.is_none(),
+            "{label}: {client:?}"
+        );
+        assert_eq!(client.sent, bytes, "{label}");
+        assert!(
+            client.received.is_exact(),
+            "{label}: {:?}",
+            client.received.problem()
+        );
+        assert!(
+            client.close_notify,
+            "{label}: the daemon ended with close_notify"
+        );
+        let side = server
+            .side
+            .as_ref()
+            .unwrap_or_else(|| panic!("{label}: {server:?}"));
+        side.check(bytes)
+            .unwrap_or_else(|e| panic!("{label}: server side {e:?}"));
+        assert_eq!(side.received.sha256, client.sent_sha256, "{label}");
+        s.wait_flows_ended();
+        let moved = [
+            s.bytes(s.path(), "client_to_backend") - before[0],
+            s.bytes(s.path(), "backend_to_client") - before[1],
+        ];
+        let header = 48.0;
+        assert_eq!(
+            moved,
+            [bytes as f64 + header, bytes as f64],
+            "{label}: bytes by path"
+        );
+        if s.ktls {
+            // The userspace relay carried nothing: the handshake is all it saw.
+            let relayed = [
+                s.bytes("userspace", "client_to_backend") - relayed_before[0],
+                s.bytes("userspace", "backend_to_client") - relayed_before[1],
+            ];
+            assert_eq!(relayed, [0.0, 0.0], "{label}: relayed bytes");
+        }
+        println!(
+            "{label}: {} MiB each way on {} in {took:.1?}",
+            bytes >> 20,
+            s.path()
+        );
+    }
+    assert_eq!(s.ended("closed"), 2.0);
+    drop(s.daemon);
+}
+
+#[test]
+fn every_cipher_suite_the_kernel_takes_carries_a_flow() {
+    let s = setup("ktls-suites");
+    let bytes = 1 << 20;
+    for (i, suite) in [
+        CipherSuite::TLS13_AES_128_GCM_SHA256,
+        CipherSuite::TLS13_AES_256_GCM_SHA384,
+        CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = BulkSpec::both_ways(bytes, 0x5u64 << 32 | i as u64);
+        let (client, server, entry) = s.exchange(suite, &spec, None);
+        assert_eq!(entry["path"], json!(s.path()), "{suite:?}: {entry}");
+        assert!(client.received.is_exact(), "{suite:?}: {client:?}");
+        let side = server
+            .side
+            .unwrap_or_else(|| panic!("{suite:?}: no server side"));
+        side.check(bytes)
+            .unwrap_or_else(|e| panic!("{suite:?}: {e:?}"));
+    }
+    drop(s.daemon);
+}
+
+#[test]
+fn a_client_key_update_ends_the_kernel_tls_flow_cleanly_after_an_exact_prefix() {
+    let s = setup("ktls-keyupdate");
+    let prefix = 4u64 << 20;
+    let total = prefix + (4 << 20);
+    let spec = BulkSpec::upload(total, 0x6b75);
+    let key_updates = s.ended("tls_key_update");
+    let (client, server, entry) =
+        s.exchange(CipherSuite::TLS13_AES_128_GCM_SHA256, &spec, Some(prefix));
+    assert_eq!(entry["path"], json!(s.path()), "{entry}");
+    assert_eq!(client.key_update_at, Some(prefix), "{client:?}");
+    let side = server.side.unwrap_or_else(|| panic!("{:?}", server.error));
+    s.wait_flows_ended();
+    if s.ktls {
+        // Everything before the KeyUpdate, nothing after it, no wrong byte.
+        assert_eq!(side.received.first_mismatch, None, "{:?}", side.received);
+        assert_eq!(side.received.received, prefix, "{:?}", side.received);
+        assert!(
+            side.error.is_none(),
+            "the backend saw a FIN: {:?}",
+            side.error
+        );
+        assert!(
+            client.close_notify,
+            "the client got close_notify: {client:?}"
+        );
+        assert_eq!(s.ended("tls_key_update") - key_updates, 1.0);
+        assert_eq!(s.ended("closed"), 0.0);
+    } else {
+        // The rustls relay takes the new keys: the whole stream arrives.
+        side.check(0).unwrap();
+        assert!(side.received.is_exact(), "{:?}", side.received);
+        assert_eq!(s.ended("tls_key_update"), 0.0);
+        assert_eq!(s.ended("closed"), 1.0);
+    }
+    drop(s.daemon);
+}
