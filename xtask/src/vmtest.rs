@@ -78,8 +78,24 @@ pub const DEFAULT_SCALE_MIB: u32 = 256;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Modules the tests need that Debian builds as modules: `veth`, for the liveness tests'
-/// network namespaces. The splice engine itself needs none (sockmap is built in).
-const GUEST_MODULES: &[&str] = &["veth"];
+/// network namespaces, and kernel TLS for terminated flows: `tls` and the AEADs it uses
+/// (AES-GCM: `gcm`, `ctr`, `ghash`, `aesni`; ChaCha20-Poly1305; `tls` alone fails `TLS_TX`
+/// with `ENOENT`). The splice engine itself needs none (sockmap is built in). The guest has no
+/// `modprobe` for the kernel to call, so each is loaded up front.
+const GUEST_MODULES: &[&str] = &[
+    "veth",
+    "tls",
+    "gcm",
+    "ctr",
+    "ghash-generic",
+    "aesni-intel",
+    "ghash-clmulni-intel",
+    "chacha20poly1305",
+    "chacha_generic",
+    "chacha-x86_64",
+    "poly1305_generic",
+    "poly1305-x86_64",
+];
 
 /// Standard-library packages the guest's Python gets besides the top-level modules: enough for
 /// the liveness tests' socket server.
@@ -160,6 +176,8 @@ fn run_kernel(
         ("RUST_BACKTRACE", "1".to_owned()),
         ("INGRESSD_TEST_SCALE_MIB", options.scale_mib.to_string()),
         ("INGRESSD_BIN", "/usr/bin/ingressd".to_owned()),
+        // The guests load the kTLS modules: terminated flows must take the kernel path there.
+        ("INGRESSD_EXPECT_KTLS", "1".to_owned()),
     ];
     tree.write_init(&env, &suite_script(&options.test_args), true)?;
     tree.pack(&initrd)?;
@@ -260,7 +278,7 @@ fn suite_script(args: &[String]) -> String {
         "rc=0\n\
          {bin} --skip {SERIAL_PREFIX} || rc=$?\n\
          {bin} --test-threads=1 {SERIAL_PREFIX} || rc=$?\n\
-         /usr/bin/{E2E_TARGET} --test-threads=1 {E2E_FILTER} || rc=$?\n\
+         /usr/bin/{E2E_TARGET} --test-threads=1 --show-output {E2E_FILTER} || rc=$?\n\
          exit $rc\n"
     )
 }
@@ -437,7 +455,7 @@ mod tests {
         let s = suite_script(&[]);
         assert!(s.contains("--skip serial_ || rc=$?"));
         assert!(s.contains("--test-threads=1 serial_ || rc=$?"));
-        assert!(s.contains("/usr/bin/e2e --test-threads=1 guest:: || rc=$?"));
+        assert!(s.contains("/usr/bin/e2e --test-threads=1 --show-output guest:: || rc=$?"));
         assert!(s.ends_with("exit $rc\n"));
         assert_eq!(
             suite_script(&["it's".into()]),

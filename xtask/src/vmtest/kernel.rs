@@ -94,12 +94,21 @@ impl Kernel {
     }
 
     /// The module files to load for `wanted` (names as `modprobe` takes them), dependencies
-    /// first, each once.
+    /// first, each once; a wanted module this kernel has built in (`modules.builtin`, e.g.
+    /// `ctr` on 6.12) needs no file.
     pub fn modules_in_load_order(&self, wanted: &[&str]) -> Result<Vec<PathBuf>> {
         let dep_path = self.modules_dir().join("modules.dep");
         let deps = fs::read_to_string(&dep_path)
             .with_context(|| format!("reading {}", dep_path.display()))?;
-        let order = load_order(&deps, wanted)?;
+        let builtin =
+            fs::read_to_string(self.modules_dir().join("modules.builtin")).unwrap_or_default();
+        let builtin: Vec<String> = builtin.lines().map(module_name).collect();
+        let wanted: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|w| !builtin.contains(&w.replace('-', "_")))
+            .collect();
+        let order = load_order(&deps, &wanted)?;
         Ok(order
             .into_iter()
             .map(|rel| self.modules_dir().join(rel))
