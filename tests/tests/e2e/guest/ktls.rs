@@ -133,14 +133,15 @@ impl Setup {
             .collect()
     }
 
-    /// Runs `spec` through the ingress with a client offering only `suite`, checking `/flows`
-    /// while it runs; returns both sides' reports and the `/flows` entry seen.
+    /// Runs `spec` through the ingress with a client offering only `suite`, watching `/flows`
+    /// while it runs; returns both sides' reports and the `/flows` entry seen (`None` when the
+    /// flow ended before a look caught it live).
     fn exchange(
         &self,
         suite: CipherSuite,
         spec: &BulkSpec,
         key_update_after: Option<u64>,
-    ) -> (TlsSideReport, ServerReport, Value) {
+    ) -> (TlsSideReport, ServerReport, Option<Value>) {
         let config = self.pki.client_config_suite(suite).unwrap();
         let (addr, spec_c) = (self.ingress.addr(), spec.clone());
         let client = thread::spawn(move || {
@@ -149,13 +150,16 @@ impl Setup {
         let deadline = Instant::now() + Duration::from_secs(30);
         let entry = loop {
             if let Some(f) = self.live_flows().into_iter().next() {
-                break f;
+                break Some(f);
+            }
+            if client.is_finished() {
+                break None;
             }
             assert!(
-                !client.is_finished() && Instant::now() < deadline,
+                Instant::now() < deadline,
                 "no live terminated flow in /flows"
             );
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(Duration::from_millis(5));
         };
         let client = client.join().unwrap().unwrap();
         let server = self.backend.next_report(Duration::from_secs(120)).unwrap();
@@ -200,7 +204,12 @@ fn terminated_bulk_flows_move_byte_exact_on_kernel_tls_with_tls12_and_tls13() {
         let spec = BulkSpec::both_ways(bytes, 0x6b74_6c73 + i as u64);
         let (client, server, entry) = s.exchange(suite, &spec, None);
         let took = started.elapsed();
-        assert_eq!(entry["path"], json!(s.path()), "{label}: {entry}");
+        // In the guests the flow runs for minutes: `/flows` must have shown it; on this host
+        // the relay may finish between two looks, and the byte counters below show the path.
+        match &entry {
+            Some(entry) => assert_eq!(entry["path"], json!(s.path()), "{label}: {entry}"),
+            None => assert!(!s.ktls, "{label}: the kTLS flow never showed in /flows"),
+        }
         assert!(
             client.write_error.is_none() && client.read_error.is_none(),
             "{label}: {client:?}"
@@ -267,14 +276,24 @@ fn every_cipher_suite_the_kernel_takes_carries_a_flow() {
     .enumerate()
     {
         let spec = BulkSpec::both_ways(bytes, 0x5u64 << 32 | i as u64);
+        let on_path = s.bytes(s.path(), "backend_to_client");
         let (client, server, entry) = s.exchange(suite, &spec, None);
-        assert_eq!(entry["path"], json!(s.path()), "{suite:?}: {entry}");
+        if let Some(entry) = entry {
+            assert_eq!(entry["path"], json!(s.path()), "{suite:?}: {entry}");
+        }
         assert!(client.received.is_exact(), "{suite:?}: {client:?}");
         let side = server
             .side
             .unwrap_or_else(|| panic!("{suite:?}: no server side"));
         side.check(bytes)
             .unwrap_or_else(|e| panic!("{suite:?}: {e:?}"));
+        s.wait_flows_ended();
+        assert_eq!(
+            s.bytes(s.path(), "backend_to_client") - on_path,
+            bytes as f64,
+            "{suite:?}: carried on {}",
+            s.path()
+        );
     }
     drop(s.daemon);
 }
@@ -288,7 +307,9 @@ fn a_client_key_update_ends_the_kernel_tls_flow_cleanly_after_an_exact_prefix() 
     let key_updates = s.ended("tls_key_update");
     let (client, server, entry) =
         s.exchange(CipherSuite::TLS13_AES_128_GCM_SHA256, &spec, Some(prefix));
-    assert_eq!(entry["path"], json!(s.path()), "{entry}");
+    if let Some(entry) = entry {
+        assert_eq!(entry["path"], json!(s.path()), "{entry}");
+    }
     assert_eq!(client.key_update_at, Some(prefix), "{client:?}");
     let side = server.side.unwrap_or_else(|| panic!("{:?}", server.error));
     s.wait_flows_ended();
