@@ -322,13 +322,7 @@ where
     let down = copy(&mut backend_r, &mut client_w, |n| sides.count(1, n));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (None, None);
-    // A flow without a timeout gets no timer (no allocation on the per-connection path).
-    let mut ticker = idle_timeout.map(|t| {
-        let period = (t / 4).max(Duration::from_millis(50));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker
-    });
+    let mut ticker = idle_ticker(idle_timeout);
     let total = || sides.live.flow.bytes().iter().sum::<u64>();
     let (mut seen, mut since) = (total(), Instant::now());
     while up_done.is_none() || down_done.is_none() {
@@ -406,4 +400,15 @@ where
         count(n as u64);
     }
     to.shutdown().await.map_err(|_| Side::Write)
+}
+
+/// The timer that checks a relayed flow for idleness, a quarter of `idle_timeout` apart. A flow
+/// without a timeout gets no timer (no allocation on the per-connection path).
+pub(super) fn idle_ticker(idle_timeout: Option<Duration>) -> Option<tokio::time::Interval> {
+    idle_timeout.map(|t| {
+        let period = (t / 4).max(Duration::from_millis(50));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    })
 }

@@ -62,14 +62,7 @@ impl Inherited {
 }
 
 fn refuse(conn: &OwnedFd, reason: String) -> TakeoverError {
-    let _ = wire::send(
-        conn.as_fd(),
-        &Message::Refuse {
-            reason: reason.clone(),
-        },
-        &[],
-        &[],
-    );
+    let _ = wire::send_refuse(conn.as_fd(), &reason);
     TakeoverError::Protocol(reason)
 }
 

@@ -106,14 +106,7 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
     };
     let mine = Compat::current();
     if let Some(reason) = mine.incompatibility(&compat) {
-        wire::send(
-            conn.as_fd(),
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            &[],
-            &[],
-        )?;
+        wire::send_refuse(conn.as_fd(), &reason)?;
         return Err(TakeoverError::Incompatible(reason));
     }
     let started = Instant::now();
@@ -132,14 +125,7 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
     if let Err(e) = side.runtime.block_on(dp.pause_accepting(PAUSE_TIMEOUT)) {
         dp.resume_accepting();
         let reason = e.to_string();
-        let _ = wire::send(
-            conn.as_fd(),
-            &Message::Refuse {
-                reason: reason.clone(),
-            },
-            &[],
-            &[],
-        );
+        let _ = wire::send_refuse(conn.as_fd(), &reason);
         return Err(TakeoverError::Refused(reason));
     }
     let frozen = match side.runtime.block_on(engine.freeze()) {
@@ -147,14 +133,7 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
         Err(e) => {
             engine.resume();
             dp.resume_accepting();
-            let _ = wire::send(
-                conn.as_fd(),
-                &Message::Refuse {
-                    reason: e.to_string(),
-                },
-                &[],
-                &[],
-            );
+            let _ = wire::send_refuse(conn.as_fd(), &e.to_string());
             return Err(e.into());
         }
     };

@@ -34,6 +34,18 @@ pub(super) fn send(
     Ok(())
 }
 
+/// Tells the peer the hand-off is off, and why.
+pub(super) fn send_refuse(sock: BorrowedFd<'_>, reason: &str) -> Result<(), TakeoverError> {
+    send(
+        sock,
+        &Message::Refuse {
+            reason: reason.to_owned(),
+        },
+        &[],
+        &[],
+    )
+}
+
 /// A received message, its tail and its descriptors.
 pub(super) struct Received {
     pub(super) message: Message,

@@ -184,6 +184,27 @@ pub fn bytes_metric(api: &ApiClient, labels: &[&str]) -> f64 {
     metric(api, "ingressd_bytes_total", labels)
 }
 
+/// The backend → client bytes of `ingress` carried by the kernel path and by the relay, once
+/// they add up to `want` (flows are counted when they end) or 10 s have passed.
+pub fn backend_to_client_by_path(api: &ApiClient, ingress: &str, want: f64) -> (f64, f64) {
+    let ingress = format!("ingress=\"{ingress}\"");
+    let down = |path: &str| {
+        bytes_metric(
+            api,
+            &[
+                &ingress,
+                "direction=\"backend_to_client\"",
+                &format!("path=\"{path}\""),
+            ],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while down("sockmap") + down("userspace") < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (down("sockmap"), down("userspace"))
+}
+
 /// Connections the daemon refused on `ingress` for `reason` so far.
 pub fn refused_count(api: &ApiClient, ingress: &str, reason: &str) -> u64 {
     let ingress = format!("ingress=\"{ingress}\"");

@@ -16,7 +16,8 @@ use ingress_tests::{
 };
 
 use crate::common::{
-    bytes_metric, certificate, create_ingress, http_backend, instance, kernel_daemon, rule, run,
+    backend_to_client_by_path, certificate, create_ingress, http_backend, instance, kernel_daemon,
+    rule, run,
 };
 
 fn curl(ingress: SocketAddr, host: &str, ca: &std::path::Path) -> String {
@@ -291,21 +292,7 @@ fn curl_downloads_a_bulk_file_through_the_kernel_path_byte_exact() {
     let digest: [u8; 32] = Sha256::digest(&got).into();
     assert_eq!(digest, want, "the file arrived byte-exact");
     // The flow is counted when it ends: wait for it, then check the kernel carried it.
-    let down = |path: &str| {
-        bytes_metric(
-            &api,
-            &[
-                "ingress=\"bulk\"",
-                "direction=\"backend_to_client\"",
-                &format!("path=\"{path}\""),
-            ],
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while down("sockmap") + down("userspace") < size as f64 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (kernel, relayed) = (down("sockmap"), down("userspace"));
+    let (kernel, relayed) = backend_to_client_by_path(&api, "bulk", size as f64);
     assert!(
         kernel + relayed >= size as f64,
         "backend → client bytes counted: kernel {kernel}, relay {relayed}"

@@ -21,7 +21,7 @@ use ingress_tests::{
     workdir::WorkDir,
 };
 
-use crate::common::{bytes_metric, create_ingress, instance, rule};
+use crate::common::{Ingress, backend_to_client_by_path, create_ingress, instance, rule};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -103,6 +103,24 @@ fn unprivileged_with_unit_capabilities() -> Vec<String> {
     ]
 }
 
+/// A bulk server behind a passthrough ingress `name` for server name `sni`.
+fn bulk_passthrough(
+    api: &ingress_tests::ApiClient,
+    name: &str,
+    sni: &str,
+) -> (BulkServer, Ingress) {
+    let ip = next_loopback();
+    let server = BulkServer::start(ip, Preamble::TlsRecord).unwrap();
+    instance(api, "bulk", ip);
+    let ingress = create_ingress(
+        api,
+        name,
+        serde_json::json!([rule(sni, "bulk", server.addr().port(), "passthrough")]),
+        None,
+    );
+    (server, ingress)
+}
+
 #[test]
 fn the_unit_capabilities_carry_a_flow_on_the_kernel_path_without_root() {
     if !ingress_tests::is_root() {
@@ -146,20 +164,7 @@ exec "$setpriv" "$@""#;
     );
 
     let api = daemon.api().unwrap();
-    let ip = next_loopback();
-    let server = BulkServer::start(ip, Preamble::TlsRecord).unwrap();
-    instance(&api, "bulk", ip);
-    let ingress = create_ingress(
-        &api,
-        "caps",
-        serde_json::json!([rule(
-            "bulk.caps.test",
-            "bulk",
-            server.addr().port(),
-            "passthrough"
-        )]),
-        None,
-    );
+    let (server, ingress) = bulk_passthrough(&api, "caps", "bulk.caps.test");
     let hello = client_hello("bulk.caps.test", &[]).unwrap();
     let spec = BulkSpec::both_ways(32 << 20, 41);
     let stream = TcpStream::connect(ingress.addr()).unwrap();
@@ -172,22 +177,8 @@ exec "$setpriv" "$@""#;
     assert_eq!(client.sent_sha256, side.received.sha256);
     assert_eq!(side.sent_sha256, client.received.sha256);
 
-    let down = |path: &str| {
-        bytes_metric(
-            &api,
-            &[
-                "ingress=\"caps\"",
-                "direction=\"backend_to_client\"",
-                &format!("path=\"{path}\""),
-            ],
-        )
-    };
     let want = spec.down_bytes as f64;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while down("sockmap") + down("userspace") < want && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (kernel, relayed) = (down("sockmap"), down("userspace"));
+    let (kernel, relayed) = backend_to_client_by_path(&api, "caps", want);
     assert!(kernel + relayed >= want, "kernel {kernel}, relay {relayed}");
     assert!(
         kernel >= 0.99 * (kernel + relayed),
@@ -232,20 +223,7 @@ fn ready_is_notified_once_serving_and_stopping_on_sigterm() {
     // With an ingress stored, restart: when READY=1 arrives, its listener and the API must
     // already accept connections.
     let api = daemon.api().unwrap();
-    let ip = next_loopback();
-    let server = BulkServer::start(ip, Preamble::TlsRecord).unwrap();
-    instance(&api, "bulk", ip);
-    let ingress = create_ingress(
-        &api,
-        "notified",
-        serde_json::json!([rule(
-            "bulk.notify.test",
-            "bulk",
-            server.addr().port(),
-            "passthrough"
-        )]),
-        None,
-    );
+    let (_server, ingress) = bulk_passthrough(&api, "notified", "bulk.notify.test");
     daemon.stop().unwrap();
     let stopping = next_notification(&manager);
     assert!(stopping.starts_with("STOPPING=1\n"), "{stopping:?}");

@@ -32,7 +32,11 @@ use tokio::{
 use tracing::debug;
 
 use super::handshake::Installed;
-use crate::{proxy::terminate::Sides, splice::FlowEnd, sys};
+use crate::{
+    proxy::terminate::{Sides, idle_ticker},
+    splice::FlowEnd,
+    sys,
+};
 
 /// Pipe size asked for per direction (the kernel may keep its 64 KiB default).
 const PIPE_BYTES: usize = 1 << 20;
@@ -111,12 +115,7 @@ pub async fn relay(
     let down = backend_to_client(&backend, &client, &down_pipe, sides);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
-    let mut ticker = idle_timeout.map(|t| {
-        let period = (t / 4).max(Duration::from_millis(50));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker
-    });
+    let mut ticker = idle_ticker(idle_timeout);
     let total = || sides.live.flow.bytes().iter().sum::<u64>();
     let (mut seen, mut since) = (total(), Instant::now());
     while !up_done || !down_done {
