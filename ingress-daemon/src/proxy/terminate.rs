@@ -324,14 +324,11 @@ where
     let (mut up_done, mut down_done) = (None, None);
     let mut ticker = idle_ticker(idle_timeout);
     let total = || sides.live.flow.bytes().iter().sum::<u64>();
-    let (mut seen, mut since) = (total(), Instant::now());
+    let mut idle = IdleClock::new(total());
     while up_done.is_none() || down_done.is_none() {
         tokio::select! {
             Some(_) = async { Some(ticker.as_mut()?.tick().await) }, if ticker.is_some() => {
-                let now_total = total();
-                if now_total != seen {
-                    (seen, since) = (now_total, Instant::now());
-                } else if idle_timeout.is_some_and(|t| since.elapsed() >= t) {
+                if idle.expired(total(), idle_timeout) {
                     return FlowEnd::IdleTimeout;
                 }
             }
@@ -400,6 +397,32 @@ where
         count(n as u64);
     }
     to.shutdown().await.map_err(|_| Side::Write)
+}
+
+/// When a relayed flow last moved bytes.
+pub(super) struct IdleClock {
+    seen: u64,
+    since: Instant,
+}
+
+impl IdleClock {
+    /// Starts with the flow's byte total now.
+    pub(super) fn new(total: u64) -> Self {
+        Self {
+            seen: total,
+            since: Instant::now(),
+        }
+    }
+
+    /// Whether the flow, whose byte total is now `total`, has moved nothing for
+    /// `idle_timeout`.
+    pub(super) fn expired(&mut self, total: u64, idle_timeout: Option<Duration>) -> bool {
+        if total != self.seen {
+            (self.seen, self.since) = (total, Instant::now());
+            return false;
+        }
+        idle_timeout.is_some_and(|t| self.since.elapsed() >= t)
+    }
 }
 
 /// The timer that checks a relayed flow for idleness, a quarter of `idle_timeout` apart. A flow

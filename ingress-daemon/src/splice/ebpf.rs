@@ -295,12 +295,7 @@ impl KernelPath {
         let socks = map_fd(&object, SOCKS_MAP)?;
         let sock_dir = map_fd(&object, SOCK_DIR_MAP)?;
         let dirs_fd = map_fd(&object, DIRS_MAP)?;
-        let dirs =
-            sys::SharedMapping::new(dirs_fd.as_fd(), MAX_DIRS as usize * size_of::<DirState>())
-                .map_err(|source| LoadError::Sys {
-                    call: "mmap direction array",
-                    source,
-                })?;
+        let dirs = map_dirs(dirs_fd.as_fd())?;
         let socks_map_fd = match object.map(SOCKS_MAP) {
             Some(map @ Map::SockHash(_)) => aya::maps::SockHash::<_, u64>::try_from(map)
                 .map_err(aya::EbpfError::MapError)?
@@ -365,12 +360,7 @@ impl KernelPath {
             dirs: dirs_fd,
             events: events_fd,
         } = maps;
-        let dirs =
-            sys::SharedMapping::new(dirs_fd.as_fd(), MAX_DIRS as usize * size_of::<DirState>())
-                .map_err(|source| LoadError::Sys {
-                    call: "mmap direction array",
-                    source,
-                })?;
+        let dirs = map_dirs(dirs_fd.as_fd())?;
         let ring_fd = events_fd.try_clone().map_err(|source| LoadError::Sys {
             call: "dup ring buffer fd",
             source,
@@ -531,6 +521,16 @@ impl KernelPath {
             count_keys(self.socks.as_fd()),
         )
     }
+}
+
+/// Maps the direction array (`DIRS`, mmapable) into this process.
+fn map_dirs(dirs: BorrowedFd<'_>) -> Result<sys::SharedMapping, LoadError> {
+    sys::SharedMapping::new(dirs, MAX_DIRS as usize * size_of::<DirState>()).map_err(|source| {
+        LoadError::Sys {
+            call: "mmap direction array",
+            source,
+        }
+    })
 }
 
 fn count_keys(map: BorrowedFd<'_>) -> usize {

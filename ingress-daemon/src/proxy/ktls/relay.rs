@@ -21,7 +21,7 @@
 use std::{
     io,
     os::fd::{AsFd as _, OwnedFd},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -33,7 +33,7 @@ use tracing::debug;
 
 use super::handshake::Installed;
 use crate::{
-    proxy::terminate::{Sides, idle_ticker},
+    proxy::terminate::{IdleClock, Sides, idle_ticker},
     splice::FlowEnd,
     sys,
 };
@@ -117,14 +117,11 @@ pub async fn relay(
     let (mut up_done, mut down_done) = (false, false);
     let mut ticker = idle_ticker(idle_timeout);
     let total = || sides.live.flow.bytes().iter().sum::<u64>();
-    let (mut seen, mut since) = (total(), Instant::now());
+    let mut idle = IdleClock::new(total());
     while !up_done || !down_done {
         tokio::select! {
             Some(_) = async { Some(ticker.as_mut()?.tick().await) }, if ticker.is_some() => {
-                let now_total = total();
-                if now_total != seen {
-                    (seen, since) = (now_total, Instant::now());
-                } else if idle_timeout.is_some_and(|t| since.elapsed() >= t) {
+                if idle.expired(total(), idle_timeout) {
                     return FlowEnd::IdleTimeout;
                 }
             }
