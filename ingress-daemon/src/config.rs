@@ -261,6 +261,12 @@ pub struct Config {
     pub high_water_bytes: u64,
     /// In-flight bytes per flow direction below which a paused flow resumes.
     pub low_water_bytes: u64,
+    /// A passthrough flow is relayed in userspace until this many bytes have passed (both
+    /// ways together) or `relay_first_ms` has elapsed, then handed to the kernel path; 0
+    /// hands it over at once.
+    pub relay_first_bytes: u64,
+    /// The time limit of that first phase; 0 hands a flow to the kernel path at once.
+    pub relay_first_ms: u64,
     /// Networks backends may be in; link-local is refused whatever this says.
     pub backend_allow: Vec<Cidr>,
     /// DNS server used to resolve instances not in the static registry.
@@ -298,6 +304,8 @@ impl Default for Config {
             soft_water_bytes: 16 << 20,
             high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
+            relay_first_bytes: 64 << 10,
+            relay_first_ms: 50,
             backend_allow: default_backend_allow(),
             dns_server: None,
             dns_suffix: None,
@@ -351,6 +359,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("soft_water_bytes", Kind::Int),
     ("high_water_bytes", Kind::Int),
     ("low_water_bytes", Kind::Int),
+    ("relay_first_bytes", Kind::Int),
+    ("relay_first_ms", Kind::Int),
     ("backend_allow", Kind::List),
     ("dns_server", Kind::Str),
     ("dns_suffix", Kind::Str),

@@ -172,6 +172,17 @@ impl IngressMetrics {
         }
     }
 
+    /// A live flow moved from path `from` to path `to` (its first phase ended).
+    pub fn on_path_change(&self, mode: Mode, from: FlowPath, to: FlowPath) {
+        let m = mode_index(mode);
+        if let Some(c) = self.ended.get(m).and_then(|m| m.get(from as usize)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(c) = self.started.get(m).and_then(|m| m.get(to as usize)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// A flow ended.
     pub fn on_flow_end(&self, mode: Mode, path: FlowPath, end: splice::FlowEnd, took: Duration) {
         if let Some(c) = self

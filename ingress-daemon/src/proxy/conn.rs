@@ -9,7 +9,11 @@ use std::{
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::OwnedSemaphorePermit};
 use tracing::{debug, warn};
 
-use super::{DataPlane, FlowSlot, Reason, Refusal, terminate};
+use super::{
+    DataPlane, FlowSlot, Reason, Refusal,
+    relay_first::{Phase, RelayFirst},
+    terminate,
+};
 use crate::{
     access_log::{AccessLog, LogText, Outcome, Record},
     connect, hello,
@@ -283,16 +287,48 @@ async fn route_and_hand_off(
                 backend_consumed = 1;
             }
             conn.counters.connect.observe(conn.hello_at.elapsed());
+            let mut preamble = Preamble {
+                client_consumed: if pg_request { 8 } else { 0 },
+                backend_consumed,
+                shut: [false; 2],
+            };
+            let limits = settings.relay_first;
+            let mut first = None;
+            if limits.enabled() && dp.inner.engine.path() == splice::Path::Sockmap {
+                let started = Instant::now();
+                conn.counters
+                    .on_flow_start(Mode::Passthrough, FlowPath::Userspace);
+                let mut relay = RelayFirst::new(&client, &backend);
+                let phase = relay.run(limits).await;
+                let moved = relay.moved();
+                let consumed = relay.consumed();
+                drop(relay);
+                for (d, n) in moved.iter().enumerate() {
+                    conn.counters.on_relayed(d, *n);
+                }
+                match phase {
+                    Phase::HandOff { shut } => {
+                        preamble.client_consumed += consumed[0];
+                        preamble.backend_consumed += consumed[1];
+                        preamble.shut = shut;
+                        first = Some(First { moved, started });
+                    }
+                    Phase::Ended(end) => {
+                        drop(permit);
+                        ended_first(dp, conn.take(), slot, moved, end, started);
+                        return Ok(());
+                    }
+                }
+            }
+            // Held until here: a takeover waits for flows in their first phase as for
+            // handshakes, and the phase's buffers count against `max_handshakes`.
             drop(permit);
             let options = FlowOptions {
-                preamble: Preamble {
-                    client_consumed: if pg_request { 8 } else { 0 },
-                    backend_consumed,
-                },
+                preamble,
                 tag: conn.counters.tag(),
                 idle_timeout: table.idle_timeout(),
             };
-            splice_flow(dp, client, backend, options, conn.take(), slot)
+            splice_flow(dp, client, backend, options, conn.take(), slot, first)
         }
         Mode::Terminate => {
             let alpn = route.alpn.clone();
@@ -347,6 +383,7 @@ fn splice_flow(
     options: FlowOptions,
     flow: Conn,
     slot: FlowSlot,
+    first: Option<First>,
 ) -> Result<(), Refusal> {
     let internal = |e: std::io::Error| Refusal::new(Reason::Internal, e);
     let client = splice::into_owned_fd(client).map_err(internal)?;
@@ -354,21 +391,26 @@ fn splice_flow(
     let counters = flow.counters.clone();
     let on_end: splice::OnEnd = Box::new(move |outcome| {
         let path = FlowPath::from(outcome.path);
+        // The userspace phase before the hand-off belongs to the flow too.
+        let (pre, duration) = match &first {
+            Some(first) => (first.moved, first.started.elapsed()),
+            None => ([0; 2], outcome.duration),
+        };
         flow.counters
-            .on_flow_end(Mode::Passthrough, path, outcome.end, outcome.duration);
+            .on_flow_end(Mode::Passthrough, path, outcome.end, duration);
         let log = &slot.dp.inner.access_log;
         if log.enabled() {
             let (up, down) = (outcome.client_to_backend, outcome.backend_to_client);
             log.log(flow.record(
                 log,
                 Instant::now(),
-                outcome.duration,
+                duration,
                 Outcome::Flow {
                     id: outcome.id,
                     path,
-                    client_to_backend_bytes: up.total(),
-                    backend_to_client_bytes: down.total(),
-                    relayed_bytes: up.relayed + down.relayed,
+                    client_to_backend_bytes: up.total() + pre[0],
+                    backend_to_client_bytes: down.total() + pre[1],
+                    relayed_bytes: up.relayed + down.relayed + pre[0] + pre[1],
                     end: outcome.end,
                 },
             ));
@@ -377,13 +419,74 @@ fn splice_flow(
     });
     let engine = &dp.inner.engine;
     let path = FlowPath::from(engine.path());
+    let started = first.as_ref().map(|f| f.started);
     match engine.splice(client, backend, options, Some(on_end)) {
         Ok(_) => {
-            counters.on_flow_start(Mode::Passthrough, path);
+            if started.is_some() {
+                counters.on_path_change(Mode::Passthrough, FlowPath::Userspace, path);
+            } else {
+                counters.on_flow_start(Mode::Passthrough, path);
+            }
             Ok(())
         }
-        // The kernel's flow table is full: a limit like `max_flows`, not a fault.
-        Err(e @ splice::SpliceError::MapFull) => Err(Refusal::new(Reason::FlowLimit, e)),
-        Err(e) => Err(Refusal::new(Reason::Internal, e)),
+        Err(e) => {
+            if let Some(started) = started {
+                // Bytes moved already: this is a flow that failed, not a refused connection.
+                // The sockets are closed; the peers' TLS sees the stream cut short.
+                warn!(error = %e, "the kernel path refused a flow after its first phase");
+                counters.on_flow_end(
+                    Mode::Passthrough,
+                    FlowPath::Userspace,
+                    splice::FlowEnd::KernelError,
+                    started.elapsed(),
+                );
+                return Ok(());
+            }
+            Err(match e {
+                // The kernel's flow table is full: a limit like `max_flows`, not a fault.
+                e @ splice::SpliceError::MapFull => Refusal::new(Reason::FlowLimit, e),
+                e => Refusal::new(Reason::Internal, e),
+            })
+        }
     }
+}
+
+/// The userspace phase of a flow handed to the engine after it.
+#[derive(Clone, Copy)]
+struct First {
+    /// Bytes it moved per direction (0 = client → backend).
+    moved: [u64; 2],
+    /// When it started.
+    started: Instant,
+}
+
+/// Reports a passthrough flow that ended in its userspace phase, before any hand-off.
+fn ended_first(
+    dp: &DataPlane,
+    flow: Conn,
+    slot: FlowSlot,
+    moved: [u64; 2],
+    end: splice::FlowEnd,
+    started: Instant,
+) {
+    let took = started.elapsed();
+    flow.counters
+        .on_flow_end(Mode::Passthrough, FlowPath::Userspace, end, took);
+    let log = &dp.inner.access_log;
+    if log.enabled() {
+        log.log(flow.record(
+            log,
+            Instant::now(),
+            took,
+            Outcome::Flow {
+                id: dp.inner.engine.next_flow_id(),
+                path: FlowPath::Userspace,
+                client_to_backend_bytes: moved[0],
+                backend_to_client_bytes: moved[1],
+                relayed_bytes: moved[0] + moved[1],
+                end,
+            },
+        ));
+    }
+    drop(slot);
 }

@@ -29,6 +29,7 @@ mod handoff;
 pub mod ktls;
 mod observe;
 mod refusal;
+pub mod relay_first;
 mod terminate;
 
 use std::{
@@ -71,6 +72,8 @@ pub struct Settings {
     pub max_flows: usize,
     /// Backend connect timeout.
     pub connect_timeout: Duration,
+    /// How long a passthrough flow is relayed in userspace before the kernel path takes it.
+    pub relay_first: relay_first::Limits,
 }
 
 impl Settings {
@@ -82,6 +85,10 @@ impl Settings {
             max_handshakes: config.max_handshakes,
             max_flows: config.max_flows,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            relay_first: relay_first::Limits {
+                bytes: config.relay_first_bytes,
+                time: Duration::from_millis(config.relay_first_ms),
+            },
         }
     }
 }

@@ -201,12 +201,15 @@ impl Flow {
         tag: u32,
         socks: [OwnedFd; 2],
         kernel: Option<KernelFlow>,
-        consumed_pre: [u64; 2],
+        preamble: super::Preamble,
         on_end: Option<super::OnEnd>,
         idle_timeout: Option<Duration>,
     ) -> Self {
-        let dir = |consumed_pre| Dir {
+        let dir = |consumed_pre, shut| Dir {
             consumed_pre,
+            fin_seen: shut,
+            eof: shut,
+            shut,
             ..Dir::default()
         };
         Self {
@@ -214,7 +217,10 @@ impl Flow {
             tag,
             socks,
             kernel,
-            dirs: [dir(consumed_pre[0]), dir(consumed_pre[1])],
+            dirs: [
+                dir(preamble.client_consumed, preamble.shut[0]),
+                dir(preamble.backend_consumed, preamble.shut[1]),
+            ],
             interest: [BASE_EVENTS; 2],
             started: Instant::now(),
             on_end,
@@ -596,22 +602,7 @@ impl Flow {
             "socket error; resetting the other side"
         );
         let _ = sys::set_reset_on_close(self.socks[1 - side].as_fd());
-        let timed_out = err.kind() == io::ErrorKind::TimedOut;
-        let reset = matches!(
-            err.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::NotConnected
-        );
-        Step::Done(match (side, timed_out, reset) {
-            (0, true, _) => FlowEnd::ClientTimeout,
-            (_, true, _) => FlowEnd::BackendTimeout,
-            (0, _, true) => FlowEnd::ClientReset,
-            (_, _, true) => FlowEnd::BackendReset,
-            (0, _, _) => FlowEnd::ClientError,
-            _ => FlowEnd::BackendError,
-        })
+        Step::Done(FlowEnd::for_error(side, err))
     }
 
     /// Ends the flow because the daemon stops: both sides are reset, so neither peer mistakes

@@ -188,7 +188,8 @@ pub enum FlowEnd {
     IdleTimeout,
     /// The kernel path could not keep the stream exact (it failed, out of memory, to cut the
     /// repeated head of a retransmitted segment); both sides were reset rather than given a
-    /// corrupted stream.
+    /// corrupted stream. Also a flow the kernel path could not take after its userspace first
+    /// phase (its maps full, a failed system call); both sides were closed.
     KernelError,
     /// A terminated flow on kTLS: the client sent a TLS 1.3 `KeyUpdate`, which the kernel
     /// cannot take (before Linux 6.14); what came before it was delivered, then both sides
@@ -200,6 +201,27 @@ pub enum FlowEnd {
 }
 
 impl FlowEnd {
+    /// How a flow ends after `err` on socket `side` (0 = client, 1 = backend).
+    pub fn for_error(side: usize, err: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        let timed_out = err.kind() == ErrorKind::TimedOut;
+        let reset = matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe
+                | ErrorKind::NotConnected
+        );
+        match (side, timed_out, reset) {
+            (0, true, _) => Self::ClientTimeout,
+            (_, true, _) => Self::BackendTimeout,
+            (0, _, true) => Self::ClientReset,
+            (_, _, true) => Self::BackendReset,
+            (0, _, _) => Self::ClientError,
+            _ => Self::BackendError,
+        }
+    }
+
     /// Every end, in declaration order (`end as usize` indexes it).
     pub const ALL: [FlowEnd; 12] = [
         Self::Closed,
@@ -294,6 +316,9 @@ pub struct Preamble {
     pub client_consumed: u64,
     /// Bytes read from the backend socket.
     pub backend_consumed: u64,
+    /// Directions that already ended (0 = client → backend): the source's FIN was read and
+    /// propagated to the destination before the hand-off.
+    pub shut: [bool; 2],
 }
 
 /// The smallest window cap a kernel flow gets (see [`Engine::splice`]).

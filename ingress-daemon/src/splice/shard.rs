@@ -215,7 +215,7 @@ impl Shard {
             tag,
             [client, backend],
             kernel,
-            [preamble.client_consumed, preamble.backend_consumed],
+            preamble,
             on_end,
             idle_timeout,
         );
@@ -350,7 +350,15 @@ impl Shard {
             on_end,
             ..
         } = new;
-        let mut flow = Flow::new(id, tag, [client, backend], kernel, [0, 0], on_end, None);
+        let mut flow = Flow::new(
+            id,
+            tag,
+            [client, backend],
+            kernel,
+            super::Preamble::default(),
+            on_end,
+            None,
+        );
         flow.abort();
         self.stats.flow_started(flow.path());
         self.finish(flow, FlowEnd::Shutdown);

@@ -261,11 +261,11 @@ pub(crate) fn upgrade_under_load(live_flows: usize, per_second: u64) {
     let idle: Vec<TcpStream> = (0..live_flows - BULK_FLOWS - PING_FLOWS)
         .map(|_| open_flow(addr).unwrap())
         .collect();
-    assert_eq!(
-        listed_flows(&daemon),
-        live_flows,
-        "every flow is live before"
-    );
+    // Listed once their first phase (relayed in userspace) has handed them to the kernel.
+    ingress_tests::process::wait_until("every flow listed", Duration::from_secs(20), || {
+        Ok((listed_flows(&daemon) == live_flows).then_some(()))
+    })
+    .expect("every flow is live before");
     let churn = Churn::start(addr, per_second, stop.clone());
     std::thread::sleep(Duration::from_millis(500));
 

@@ -67,7 +67,12 @@ impl Flow {
                 cookies: k.cookies,
                 dirs: k.dirs,
             }),
-            [state.dirs[0].consumed_pre, state.dirs[1].consumed_pre],
+            crate::splice::Preamble {
+                client_consumed: state.dirs[0].consumed_pre,
+                backend_consumed: state.dirs[1].consumed_pre,
+                // Restored from the saved state below.
+                shut: [false; 2],
+            },
             on_end,
             state.idle_timeout_ms.map(Duration::from_millis),
         );
