@@ -320,15 +320,12 @@ async fn route_and_hand_off(
                     }
                 }
             }
-            // Held until here: a takeover waits for flows in their first phase as for
-            // handshakes, and the phase's buffers count against `max_handshakes`.
-            drop(permit);
             let options = FlowOptions {
                 preamble,
                 tag: conn.counters.tag(),
                 idle_timeout: table.idle_timeout(),
             };
-            splice_flow(dp, client, backend, options, conn.take(), slot, first)
+            splice_flow(dp, [client, backend], options, conn.take(), slot, first, permit)
         }
         Mode::Terminate => {
             let alpn = route.alpn.clone();
@@ -378,12 +375,12 @@ pub(super) async fn write_header(
 
 fn splice_flow(
     dp: &DataPlane,
-    client: TcpStream,
-    backend: TcpStream,
+    [client, backend]: [TcpStream; 2],
     options: FlowOptions,
     flow: Conn,
     slot: FlowSlot,
     first: Option<First>,
+    permit: OwnedSemaphorePermit,
 ) -> Result<(), Refusal> {
     let internal = |e: std::io::Error| Refusal::new(Reason::Internal, e);
     let client = splice::into_owned_fd(client).map_err(internal)?;
@@ -418,10 +415,15 @@ fn splice_flow(
         drop(slot);
     });
     let engine = &dp.inner.engine;
-    let path = FlowPath::from(engine.path());
     let started = first.as_ref().map(|f| f.started);
-    match engine.splice(client, backend, options, Some(on_end)) {
-        Ok(_) => {
+    let spliced = engine.splice(client, backend, options, Some(on_end));
+    // Held until the engine has the flow: a takeover waits for every permit before it
+    // freezes the engine, and the freeze reaches the shard after the flow (one queue). The
+    // first phase holds it too, so its buffers count against `max_handshakes`.
+    drop(permit);
+    match spliced {
+        Ok(spliced) => {
+            let path = FlowPath::from(spliced.path);
             if started.is_some() {
                 counters.on_path_change(Mode::Passthrough, FlowPath::Userspace, path);
             } else {

@@ -41,6 +41,11 @@ const CHUNK: usize = 17 * 1024;
 /// takes the pair.
 const WINDOW_CLAMP: u32 = 64 << 10;
 
+/// Size of a read in the drain: above what a sender can have queued under [`WINDOW_CLAMP`]
+/// (the window offered before the clamp was at most the SYN's), so one read empties the
+/// queue even when the sender refills it as fast as it is read.
+const DRAIN_CHUNK: usize = 2 * WINDOW_CLAMP as usize;
+
 /// When the userspace phase ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -237,7 +242,10 @@ impl<'a> RelayFirst<'a> {
             }
             dir.buf.clear();
             dir.start = 0;
-            dir.buf.reserve_exact(CHUNK);
+            dir.buf.reserve_exact(match reads {
+                Reads::Upto(_) => CHUNK,
+                Reads::Drain => DRAIN_CHUNK,
+            });
             // Reads into the spare capacity: nothing is zeroed first.
             match src.try_read_buf(&mut dir.buf) {
                 Ok(0) => dir.eof = true,

@@ -336,6 +336,15 @@ pub struct FlowOptions {
     pub idle_timeout: Option<Duration>,
 }
 
+/// A flow the engine took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spliced {
+    /// Its ID.
+    pub id: u64,
+    /// The path that carries it.
+    pub path: Path,
+}
+
 /// Called once with the outcome when a flow ends.
 pub type OnEnd = Box<dyn FnOnce(FlowOutcome) + Send>;
 
@@ -606,16 +615,17 @@ impl Engine {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Hands an established client/backend pair to the engine; returns the flow ID.
-    /// `on_end` is called once with the outcome. The sockets must not have been partly read:
-    /// only whole messages accounted for in `options.preamble` may have been consumed.
+    /// Hands an established client/backend pair to the engine; returns the flow ID and the
+    /// path that carries it. `on_end` is called once with the outcome. The sockets must not
+    /// have been partly read: only whole messages accounted for in `options.preamble` may have
+    /// been consumed.
     pub fn splice(
         &self,
         client: OwnedFd,
         backend: OwnedFd,
         options: FlowOptions,
         on_end: Option<OnEnd>,
-    ) -> Result<u64, SpliceError> {
+    ) -> Result<Spliced, SpliceError> {
         let FlowOptions {
             preamble,
             tag,
@@ -656,8 +666,11 @@ impl Engine {
                 )?;
             }
         }
+        // The kernel takes only established sockets into the sockhash: a pair with a direction
+        // that already ended, or a side whose FIN arrived after the caller's last read, is
+        // relayed in userspace instead.
         let kernel = match &inner.kernel {
-            Some(path) => Some(path.insert(
+            Some(path) if !preamble.shut.contains(&true) => match path.insert(
                 std::os::fd::AsFd::as_fd(&client),
                 std::os::fd::AsFd::as_fd(&backend),
                 ebpf::Marks {
@@ -665,8 +678,21 @@ impl Engine {
                     high_water: inner.config.high_water_bytes,
                     low_water: inner.config.low_water_bytes,
                 },
-            )?),
-            None => None,
+            ) {
+                Ok(flow) => Some(flow),
+                Err(SpliceError::Sys { source, .. })
+                    if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            _ => None,
+        };
+        let path = if kernel.is_some() {
+            Path::Sockmap
+        } else {
+            Path::Userspace
         };
         let shard = inner.next_shard.fetch_add(1, Ordering::Relaxed) % inner.shards.len().max(1);
         if let Some(kflow) = &kernel {
@@ -691,7 +717,7 @@ impl Engine {
             .get(shard)
             .map(|tx| tx.send(shard::Command::Add(new)))
         {
-            Some(Ok(())) => Ok(id),
+            Some(Ok(())) => Ok(Spliced { id, path }),
             Some(Err(mpsc::error::SendError(shard::Command::Add(new)))) => {
                 if let (Some(path), Some(kflow)) = (&inner.kernel, &new.kernel) {
                     path.remove(kflow);

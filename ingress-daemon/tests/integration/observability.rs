@@ -335,7 +335,12 @@ fn metrics_and_access_log_account_for_every_flow_and_refusal() {
     if !kernel_path_available("metrics_and_access_log_account_for_every_flow_and_refusal") {
         return;
     }
-    let s = setup(&[("INGRESSD_MAX_FLOWS", "1")]);
+    // Kernel path from the first byte (no userspace first phase): the accounting below is
+    // exact per path. The first phase has its own test.
+    let s = setup(&[
+        ("INGRESSD_MAX_FLOWS", "1"),
+        ("INGRESSD_RELAY_FIRST_MS", "0"),
+    ]);
     let (d, port) = (&s.daemon, s.port);
     let before = d.metrics();
     let ing = [("ingress", "obs")];
@@ -617,8 +622,12 @@ fn the_exposition_passes_promtool_and_speaks_openmetrics_when_asked() {
     let s = setup(&[]);
     let (a, _) = echo_flow(s.port, "pass.obs.test", 4096);
     refused(s.port, &client_hello("nope.obs.test", &[]), false);
-    // Scraped while a kernel flow is live, so its counters come from the eBPF map.
-    let text = s.daemon.get("/metrics", &[]);
+    // Scraped while a kernel flow is live (after its userspace first phase), so its counters
+    // come from the eBPF map.
+    let text = wait_for("the flow on the kernel path", WAIT, || {
+        let text = s.daemon.get("/metrics", &[]);
+        (Metrics::parse(&text).get("ingressd_sockhash_entries", &[]) == 2.0).then_some(text)
+    });
     finish(a);
     let mut check = Command::new(&promtool)
         .args(["check", "metrics"])
@@ -663,4 +672,205 @@ fn the_exposition_passes_promtool_and_speaks_openmetrics_when_asked() {
         openmetrics.contains("# TYPE ingressd_connections_refused counter"),
         "{openmetrics}"
     );
+}
+
+/// A backend that reads until the client's FIN, waits `delay`, sends `reply` bytes and closes;
+/// returns its port and the bytes it read.
+fn late_reply_backend(delay: Duration, reply: usize) -> (u16, mpsc::Receiver<Vec<u8>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        std::thread::sleep(delay);
+        let data: Vec<u8> = (0..reply).map(|i| (i % 241) as u8).collect();
+        s.write_all(&data).unwrap();
+        tx.send(got).unwrap();
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase() {
+    if !kernel_path_available(
+        "a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase",
+    ) {
+        return;
+    }
+    // The defaults: 64 KiB or 50 ms in userspace, then the kernel path.
+    let s = setup(&[]);
+    let (d, port) = (&s.daemon, s.port);
+    let bytes = |m: &Metrics, dir, path| {
+        m.get(
+            "ingressd_bytes_total",
+            &[("ingress", "obs"), ("direction", dir), ("path", path)],
+        )
+    };
+    let moved = |before: &Metrics, after: &Metrics, path| {
+        ["client_to_backend", "backend_to_client"]
+            .map(|dir| bytes(after, dir, path) - bytes(before, dir, path))
+    };
+    let lines_now = || access_lines(&s.access_log).len();
+    let last_line = |n: usize| {
+        wait_for("the access log line", WAIT, || {
+            let lines = access_lines(&s.access_log);
+            (lines.len() == n).then(|| lines[n - 1].clone())
+        })
+    };
+
+    // A short flow ends in its first phase: userspace only, never in the kernel's maps.
+    let before = d.metrics();
+    let (short, short_bytes) = echo_flow(port, "pass.obs.test", 1000);
+    finish(short);
+    let line = last_line(1);
+    assert_eq!(
+        (
+            &line["path"],
+            &line["end"],
+            &line["client_to_backend_bytes"],
+            &line["backend_to_client_bytes"],
+            &line["relayed_bytes"]
+        ),
+        (
+            &json!("userspace"),
+            &json!("closed"),
+            &json!(short_bytes),
+            &json!(short_bytes),
+            &json!(2 * short_bytes)
+        ),
+        "{line}"
+    );
+    let after = d.metrics();
+    assert_eq!(moved(&before, &after, "userspace"), [short_bytes as f64; 2]);
+    assert_eq!(moved(&before, &after, "sockmap"), [0.0; 2]);
+    assert_eq!(
+        before.changes(&after, "ingressd_connections_routed_total"),
+        BTreeMap::from([(
+            series("ingressd_connections_routed_total", &[("ingress", "obs")]),
+            1.0
+        )])
+    );
+
+    // A bulk flow: the first 64 KiB (or a little more: the drain) in userspace, the rest in
+    // the kernel; every byte exact.
+    let before = d.metrics();
+    let (bulk, bulk_bytes) = echo_flow(port, "pass.obs.test", 8 << 20);
+    finish(bulk);
+    let line = last_line(2);
+    assert_eq!(
+        (&line["path"], &line["end"]),
+        (&json!("sockmap"), &json!("closed")),
+        "{line}"
+    );
+    assert_eq!(line["client_to_backend_bytes"], json!(bulk_bytes), "{line}");
+    assert_eq!(line["backend_to_client_bytes"], json!(bulk_bytes), "{line}");
+    let relayed = line["relayed_bytes"].as_u64().unwrap();
+    assert!(
+        (1..=512 << 10).contains(&relayed),
+        "relayed {relayed}: {line}"
+    );
+    let after = d.metrics();
+    let (user, kernel) = (
+        moved(&before, &after, "userspace"),
+        moved(&before, &after, "sockmap"),
+    );
+    for d in 0..2 {
+        assert_eq!(user[d] + kernel[d], bulk_bytes as f64, "direction {d}");
+        assert!(
+            kernel[d] >= 0.9 * bulk_bytes as f64,
+            "direction {d}: kernel {kernel:?}"
+        );
+    }
+    assert_eq!(user[0] + user[1], relayed as f64);
+
+    // A quiet flow moves to the kernel path when its time is up, with what it moved so far
+    // counted as relayed; what follows goes through the kernel.
+    let (mut quiet, quiet_bytes) = echo_flow(port, "pass.obs.test", 100);
+    let listed = wait_for("the quiet flow on the kernel path", WAIT, || {
+        let flows: Value = serde_json::from_str(&d.get("/flows?limit=10", &[])).unwrap();
+        let flow = flows["flows"].as_array()?.first()?.clone();
+        (flow["path"] == "sockmap").then_some(flow)
+    });
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert_eq!(listed[dir]["kernel"], json!(0), "{listed}");
+    }
+    let more: Vec<u8> = (0..5000).map(|i| (i % 7) as u8).collect();
+    quiet.write_all(&more).unwrap();
+    let mut back = vec![0u8; more.len()];
+    quiet.read_exact(&mut back).unwrap();
+    assert_eq!(back, more);
+    finish(quiet);
+    let line = last_line(3);
+    assert_eq!(
+        (&line["path"], &line["end"]),
+        (&json!("sockmap"), &json!("closed")),
+        "{line}"
+    );
+    assert_eq!(line["relayed_bytes"], json!(2 * quiet_bytes), "{line}");
+    assert_eq!(
+        line["client_to_backend_bytes"],
+        json!(quiet_bytes + 5000),
+        "{line}"
+    );
+
+    // A reset in the first phase ends the flow there, as a reset.
+    let (c, _) = echo_flow(port, "pass.obs.test", 10);
+    reset(c);
+    let line = last_line(4);
+    assert_eq!(
+        (&line["path"], &line["end"]),
+        (&json!("userspace"), &json!("client_reset")),
+        "{line}"
+    );
+
+    // A client that half-closes in the first phase, with a backend that answers only after
+    // the phase is over: the kernel takes no half-closed socket into its sockhash, so the
+    // engine relays the pair in userspace; the reply arrives whole, then the flow closes.
+    let (late, got) = late_reply_backend(Duration::from_millis(300), 2 << 20);
+    d.call(
+        "POST",
+        "/tcp-ingresses",
+        json!({"name": "late", "listen_port": free_port(), "rules": [
+            {"match": {"sni": "late.obs.test"}, "target": {"instance": "echo", "port": late}, "mode": "passthrough"}
+        ]}),
+    );
+    let late_port = {
+        let ingresses: Value = serde_json::from_str(&d.get("/tcp-ingresses", &[])).unwrap();
+        let found = ingresses
+            .as_array()
+            .or_else(|| ingresses["items"].as_array())
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "late")
+            .cloned()
+            .unwrap();
+        u16::try_from(found["listen_port"].as_u64().unwrap()).unwrap()
+    };
+    let n = lines_now();
+    let mut c = connect(late_port);
+    let hello = client_hello("late.obs.test", &[]);
+    c.write_all(&hello).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    assert_eq!(
+        got.recv_timeout(WAIT).unwrap(),
+        hello,
+        "the backend got the hello, then the FIN"
+    );
+    assert_eq!(reply.len(), 2 << 20);
+    assert!(
+        reply.iter().enumerate().all(|(i, b)| *b == (i % 241) as u8),
+        "the reply is exact"
+    );
+    let line = last_line(n + 1);
+    assert_eq!(
+        (&line["ingress"], &line["path"], &line["end"]),
+        (&json!("late"), &json!("userspace"), &json!("closed")),
+        "{line}"
+    );
+    assert_eq!(line["backend_to_client_bytes"], json!(2 << 20), "{line}");
+    assert_eq!(d.metrics().get("ingressd_sockhash_entries", &[]), 0.0);
 }

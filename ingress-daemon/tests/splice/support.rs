@@ -119,7 +119,8 @@ pub fn spliced_with(
                 let _ = tx.send(outcome);
             })),
         )
-        .unwrap();
+        .unwrap()
+        .id;
     Spliced {
         client,
         server,
