@@ -75,7 +75,7 @@ pub(super) enum Phase {
 /// One direction: reads socket `d`, writes socket `1 - d`.
 #[derive(Default)]
 struct Dir {
-    /// Read, not yet written: `buf[start..]`. Its capacity is kept for the next read.
+    /// Read, not yet written: `buf[start..]` (empty, unallocated, while nothing waits).
     buf: Vec<u8>,
     start: usize,
     /// Bytes read from the source (all of them written once `buf` is empty).
@@ -87,6 +87,11 @@ struct Dir {
     eof: bool,
     /// The FIN was propagated.
     shut: bool,
+}
+
+thread_local! {
+    /// Where reads land before they are written on (grown to [`DRAIN_CHUNK`] at most).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// How much a pump may read.
@@ -227,40 +232,58 @@ impl<'a> RelayFirst<'a> {
                 if dir.start < dir.buf.len() {
                     continue;
                 }
+                // Written out: a flow holds no buffer while nothing waits.
+                dir.buf = Vec::new();
+                dir.start = 0;
             }
             if dir.eof {
                 sys::shutdown_write(dst.as_fd()).map_err(|e| (1 - d, e))?;
                 dir.shut = true;
                 return Ok(Wait::Done);
             }
-            let may_read = match reads {
-                Reads::Upto(budget) => read_now < budget,
-                Reads::Drain => !dir.drained,
+            let want = match reads {
+                Reads::Upto(budget) if read_now < budget => CHUNK,
+                Reads::Drain if !dir.drained => DRAIN_CHUNK,
+                _ => return Ok(Wait::Readable),
             };
-            if !may_read {
-                return Ok(Wait::Readable);
-            }
-            dir.buf.clear();
-            dir.start = 0;
-            dir.buf.reserve_exact(match reads {
-                Reads::Upto(_) => CHUNK,
-                Reads::Drain => DRAIN_CHUNK,
+            // Read into the thread's scratch buffer and written on at once; only what the
+            // destination does not take now is copied to the flow's own buffer.
+            let read = SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < want {
+                    scratch.resize(want, 0);
+                }
+                let n = match src.try_read(&mut scratch[..want]) {
+                    Ok(n) => n,
+                    Err(e) => return Err((d, e)),
+                };
+                let mut written = 0;
+                while written < n {
+                    match dst.try_write(&scratch[written..n]) {
+                        Ok(k) => written += k,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err((1 - d, e)),
+                    }
+                }
+                if written < n {
+                    dir.buf = scratch[written..n].to_vec();
+                    dir.start = 0;
+                }
+                Ok(n)
             });
-            // Reads into the spare capacity: nothing is zeroed first.
-            match src.try_read_buf(&mut dir.buf) {
+            match read {
                 Ok(0) => dir.eof = true,
                 Ok(n) => {
                     dir.read += n as u64;
                     read_now += n as u64;
                     // A read that did not fill the buffer emptied the receive queue: every
                     // skb it touched was consumed whole.
-                    dir.drained = n < dir.buf.capacity();
+                    dir.drained = n < want;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err((side, e)) if side == d && e.kind() == io::ErrorKind::WouldBlock => {
                     dir.drained = true;
                     return Ok(Wait::Readable);
                 }
-                Err(e) => return Err((d, e)),
+                Err(failure) => return Err(failure),
             }
         }
     }
