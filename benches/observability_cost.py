@@ -11,7 +11,7 @@ long (timers, periodic wake-ups) is measured right after and subtracted, and rep
 load, which is why this measures them rather than time.
 
     python3 benches/observability_cost.py BINARY [--access-log off|stderr|FILE] [--offload MODE]
-        [--connections N]
+        [--connections N] [--relay-first-ms MS]
 
 Compare a build without metrics and access log against one with them, or one build with
 `--access-log off` and `--access-log FILE`.
@@ -136,6 +136,12 @@ def main():
     ap.add_argument("--access-log", default="off")
     ap.add_argument("--offload", default="required")
     ap.add_argument("--connections", type=int, default=300)
+    ap.add_argument(
+        "--relay-first-ms",
+        type=int,
+        help="INGRESSD_RELAY_FIRST_MS (0: kernel path from the first byte; the daemon's "
+        "default otherwise; under callgrind a flow lasts far longer than natively)",
+    )
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="ingressd-cost-")
@@ -150,6 +156,8 @@ def main():
         "INGRESSD_ACCESS_LOG": args.access_log,
         "RUST_LOG": "info",
     }
+    if args.relay_first_ms is not None:
+        env["INGRESSD_RELAY_FIRST_MS"] = str(args.relay_first_ms)
     log_path = os.path.join(work, "ingressd.log")
     log = open(log_path, "w")
     daemon = subprocess.Popen(
