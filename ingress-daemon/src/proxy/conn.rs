@@ -325,7 +325,15 @@ async fn route_and_hand_off(
                 tag: conn.counters.tag(),
                 idle_timeout: table.idle_timeout(),
             };
-            splice_flow(dp, [client, backend], options, conn.take(), slot, first, permit)
+            splice_flow(
+                dp,
+                [client, backend],
+                options,
+                conn.take(),
+                slot,
+                first,
+                permit,
+            )
         }
         Mode::Terminate => {
             let alpn = route.alpn.clone();
