@@ -136,8 +136,12 @@ impl Engine {
         Ok(Frozen { maps, flows })
     }
 
-    /// Resumes after a failed hand-off: events that arrived while frozen are handled now.
+    /// Resumes after a failed hand-off: events that arrived while frozen are handled now, and
+    /// this daemon's program is attached again (the next daemon may have attached its own).
     pub fn resume(&self) {
+        if let Some(path) = &self.inner.kernel {
+            path.reattach();
+        }
         for tx in &self.inner.shards {
             let _ = tx.send(shard::Command::Resume);
         }

@@ -31,6 +31,8 @@ pub struct Inherited {
     pub listeners: Vec<BoundListener>,
     /// The kernel path's maps, when the old daemon had it.
     pub maps: Option<MapFds>,
+    /// Version of the program serving the old daemon's new flows (0: unknown).
+    pub program_version: u32,
     /// Every spliced flow, with the ingress it counts for.
     pub flows: Vec<(ExportedFlow, Option<String>)>,
 }
@@ -85,8 +87,12 @@ pub fn receive(data_dir: &Path) -> Result<Inherited, TakeoverError> {
         &[],
     )?;
     let closed = || TakeoverError::Protocol("the running daemon closed the connection".to_owned());
-    let old_pid = match wire::recv(&conn)?.ok_or_else(closed)?.message {
-        Message::Offer { compat, pid } => {
+    let (old_pid, program_version) = match wire::recv(&conn)?.ok_or_else(closed)?.message {
+        Message::Offer {
+            compat,
+            pid,
+            program_version,
+        } => {
             if let Some(reason) = mine.incompatibility(&compat) {
                 let _ = refuse(&conn, reason.clone());
                 return Err(TakeoverError::Incompatible(reason));
@@ -95,10 +101,10 @@ pub fn receive(data_dir: &Path) -> Result<Inherited, TakeoverError> {
                 info!(
                     running = %compat.program,
                     embedded = %mine.program,
-                    "live and new flows keep the running daemon's verdict program"
+                    "live flows keep the running daemon's verdict program, new flows get this one"
                 );
             }
-            pid
+            (pid, program_version)
         }
         Message::Refuse { reason } => return Err(TakeoverError::Refused(reason)),
         other => return Err(refuse(&conn, format!("expected an offer, got {other:?}"))),
@@ -201,6 +207,7 @@ pub fn receive(data_dir: &Path) -> Result<Inherited, TakeoverError> {
         api: Some(api),
         listeners,
         maps,
+        program_version,
         flows: adopted,
     };
     info!(

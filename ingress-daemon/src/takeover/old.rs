@@ -111,17 +111,18 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
     }
     let started = Instant::now();
     info!(new_version = %compat.version, new_program = %compat.program, "takeover started");
+    let dp = &side.data_plane;
+    let engine = dp.engine();
     wire::send(
         conn.as_fd(),
         &Message::Offer {
             compat: mine,
             pid: std::process::id(),
+            program_version: engine.serving_program().map_or(0, |p| p.version),
         },
         &[],
         &[],
     )?;
-    let dp = &side.data_plane;
-    let engine = dp.engine();
     if let Err(e) = side.runtime.block_on(dp.pause_accepting(PAUSE_TIMEOUT)) {
         dp.resume_accepting();
         let reason = e.to_string();
