@@ -3,7 +3,12 @@
 //! (checksummed bulk both ways, ping-pong, idle) and new connections arrive; nothing is lost,
 //! duplicated, refused or reset, and the old process is gone. A successor that dies halfway
 //! leaves the old daemon running everything, including FINs that arrived meanwhile; terminated
-//! flows stay with the old daemon until they end.
+//! flows stay with the old daemon until they end. `program`: a successor with a different
+//! verdict program.
+mod program;
+
+pub(crate) use program::upgrade_to_a_new_program;
+
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream},
