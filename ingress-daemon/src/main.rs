@@ -194,6 +194,7 @@ fn main() -> ExitCode {
                     i.maps.take(),
                     &used,
                     i.program_version,
+                    i.program.take(),
                 )
             }
             None => splice::Engine::start(engine_config(&shared.config)),

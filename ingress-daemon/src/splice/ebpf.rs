@@ -4,8 +4,8 @@
 //! sk_skb with `BPF_PROG_ATTACH` and detaches on drop), duplicates of the map descriptors for
 //! lock-free element updates from any thread, and the memory-mapped direction array.
 //!
-//! A daemon that takes over another's maps ([`KernelPath::adopt`]) loads its own program on
-//! them and attaches it to the sockhash (see [`pins`]): flows inserted from then on run it,
+//! A daemon that takes over another's maps loads its own program on them
+//! ([`PreparedProgram::load`]) and attaches it to the sockhash ([`KernelPath::adopt`]): flows inserted from then on run it,
 //! flows already in the map keep the program they were inserted with (a socket's psock copies
 //! the map's programs at insertion; kernel 4.20+). When that fails, the previous daemon's
 //! program stays attached and serves new flows too.
@@ -118,6 +118,9 @@ pub enum LoadError {
         /// The error.
         source: aya::pin::PinError,
     },
+    /// The takeover did not prepare a program for the handed-over maps.
+    #[error("no program was prepared for the handed-over maps")]
+    NotPrepared,
     /// A map of the loaded object is not the handed-over map (the pin did not lead to it).
     #[error("map {name} loaded as map id {loaded}, but the handed-over map has id {received}")]
     MapMismatch {
@@ -401,17 +404,32 @@ impl KernelPath {
         })
     }
 
-    /// Takes over the maps of another daemon's kernel path and attaches this daemon's program
-    /// to them (flows already in the sockhash keep the program they were inserted with). When
-    /// that fails, the program the other daemon attached (version `inherited_version`, 0 if
-    /// unknown) stays attached and serves new flows too. `used` lists the direction slots of
-    /// the flows handed over with the maps.
+    /// Takes over the maps of another daemon's kernel path and attaches this daemon's program,
+    /// `prepared` on them beforehand (flows already in the sockhash keep the program they were
+    /// inserted with). When that fails, the program the other daemon attached (version
+    /// `inherited_version`, 0 if unknown) stays attached and serves new flows too. `used` lists
+    /// the direction slots of the flows handed over with the maps.
     pub(crate) fn adopt(
         maps: MapFds,
         used: &[DirIndex],
         inherited_version: u32,
+        prepared: Result<PreparedProgram, LoadError>,
     ) -> Result<Self, LoadError> {
-        let (object, serving, bytes_acked_offset) = match load_on_maps(&maps) {
+        // Everything that can fail comes before the attach: once attached, dropping the object
+        // on an error would leave the sockhash without a program.
+        let dirs = map_dirs(maps.dirs.as_fd())?;
+        let ring_fd = maps.events.try_clone().map_err(|source| LoadError::Sys {
+            call: "dup ring buffer fd",
+            source,
+        })?;
+        let ring_data = MapData::from_fd(ring_fd).map_err(aya::EbpfError::MapError)?;
+        let events = aya::maps::RingBuf::try_from(Map::RingBuf(ring_data))
+            .map_err(aya::EbpfError::MapError)?;
+        let attached = prepared.and_then(|mut p| {
+            attach_verdict(&mut p.object)?;
+            Ok((p.object, p.bytes_acked_offset))
+        });
+        let (object, serving, bytes_acked_offset) = match attached {
             Ok((object, offset)) => {
                 let version = loaded_program_version();
                 info!(
@@ -447,14 +465,6 @@ impl KernelPath {
             dirs: dirs_fd,
             events: events_fd,
         } = maps;
-        let dirs = map_dirs(dirs_fd.as_fd())?;
-        let ring_fd = events_fd.try_clone().map_err(|source| LoadError::Sys {
-            call: "dup ring buffer fd",
-            source,
-        })?;
-        let ring_data = MapData::from_fd(ring_fd).map_err(aya::EbpfError::MapError)?;
-        let events = aya::maps::RingBuf::try_from(Map::RingBuf(ring_data))
-            .map_err(aya::EbpfError::MapError)?;
         let in_use: std::collections::HashSet<DirIndex> = used.iter().copied().collect();
         Ok(Self {
             object: Mutex::new(object),
@@ -691,8 +701,31 @@ fn attach_verdict(object: &mut Ebpf) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Loads this daemon's program on handed-over maps (pinned for the load, unpinned on every
-/// path) and attaches it, after checking that every map of the object is the handed-over one.
+/// This daemon's program, loaded (and verified) on another daemon's maps, not attached yet.
+pub struct PreparedProgram {
+    object: Ebpf,
+    bytes_acked_offset: u64,
+}
+
+impl std::fmt::Debug for PreparedProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedProgram").finish_non_exhaustive()
+    }
+}
+
+impl PreparedProgram {
+    /// Loads this daemon's program on handed-over maps (pinned for the load, unpinned on
+    /// every path), after checking that every map of the object is the handed-over one. The
+    /// verifier runs here, so attaching later is instant.
+    pub fn load(maps: &MapFds) -> Result<Self, LoadError> {
+        let (object, bytes_acked_offset) = load_on_maps(maps)?;
+        Ok(Self {
+            object,
+            bytes_acked_offset,
+        })
+    }
+}
+
 fn load_on_maps(maps: &MapFds) -> Result<(Ebpf, u64), LoadError> {
     let pinned = pins::PinnedMaps::pin(maps)?;
     let (mut object, offset) = load_object(Some(&pinned))?;
@@ -710,7 +743,14 @@ fn load_on_maps(maps: &MapFds) -> Result<(Ebpf, u64), LoadError> {
         }
     }
     drop(pinned);
-    attach_verdict(&mut object)?;
+    let program: &mut SkSkb = object
+        .program_mut(VERDICT_PROGRAM)
+        .ok_or(LoadError::Missing {
+            what: "program",
+            name: VERDICT_PROGRAM,
+        })?
+        .try_into()?;
+    program.load()?;
     Ok((object, offset))
 }
 

@@ -47,7 +47,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-pub use ebpf::{LoadError, ServingProgram, TEST_PROGRAM_VERSION_ENV};
+pub use ebpf::{LoadError, PreparedProgram, ServingProgram, TEST_PROGRAM_VERSION_ENV};
 pub use handoff::{AdoptError, DirState, ExportedFlow, FlowState, Frozen, KernelState, MapFds};
 pub use pins::TEST_BPFFS_ENV;
 
@@ -503,25 +503,29 @@ impl Engine {
     /// Loads the eBPF program (unless offload is off) and starts the event loops on the
     /// current tokio runtime.
     pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
-        Self::start_adopting(config, None, &[], 0)
+        Self::start_adopting(config, None, &[], 0, None)
     }
 
     /// Like [`Self::start`], but on the maps another daemon handed over (`used`: the direction
     /// slots of the flows that came with them; adopt those flows next with [`Self::adopt`]).
-    /// This daemon's program is attached to them for new flows; if that fails, the other
-    /// daemon's program (version `inherited_version`, 0 if unknown) serves new flows too.
-    /// Without maps, the offload mode decides as in [`Self::start`].
+    /// This daemon's program, `prepared` on them, is attached for new flows; if it could not
+    /// be prepared, the other daemon's program (version `inherited_version`, 0 if unknown)
+    /// serves new flows too. Without maps, the offload mode decides as in [`Self::start`].
     pub fn start_adopting(
         config: EngineConfig,
         maps: Option<MapFds>,
         used: &[u32],
         inherited_version: u32,
+        prepared: Option<Result<PreparedProgram, LoadError>>,
     ) -> Result<Self, EngineError> {
+        let prepared = prepared.unwrap_or(Err(LoadError::NotPrepared));
         let (kernel, kernel_unavailable) = match (maps, config.offload) {
-            (Some(maps), _) => match ebpf::KernelPath::adopt(maps, used, inherited_version) {
-                Ok(path) => (Some(Arc::new(path)), None),
-                Err(err) => return Err(EngineError::OffloadUnavailable(err)),
-            },
+            (Some(maps), _) => {
+                match ebpf::KernelPath::adopt(maps, used, inherited_version, prepared) {
+                    Ok(path) => (Some(Arc::new(path)), None),
+                    Err(err) => return Err(EngineError::OffloadUnavailable(err)),
+                }
+            }
             (None, Offload::Off) => (None, Some("offload is off".to_owned())),
             (None, Offload::Auto) => match ebpf::KernelPath::load() {
                 Ok(path) => (Some(Arc::new(path)), None),

@@ -16,16 +16,21 @@
 //! ```text
 //!  new                                    old
 //!  Hello {compat}            ──▶          refuses an incompatible state format, map layout
-//!                            ◀──          Offer {compat, pid, program_version} | Refuse {reason}
+//!                            ◀──          Offer {compat, pid, program_version, maps}
+//!                                         | Refuse {reason}
+//!                            ◀──          Maps            fds: SOCKS, SOCK_DIR, DIRS, EVENTS
+//!                                                         (when it has the kernel path)
+//!  loads its own verdict program on the maps (not attached yet; see Program below): the
+//!  verifier's time is spent while the old daemon still serves
+//!  Ready                     ──▶
 //!                                         pauses accepting (listeners stay open, the backlog
 //!                                         waits), waits until no connection is between
 //!                                         accept and hand-off, freezes the splice engine
-//!                            ◀──          Maps            fds: SOCKS, SOCK_DIR, DIRS, EVENTS
 //!                            ◀──          Listeners       fds: API, each ingress listener
 //!                            ◀──          Flows ×N        ≤ 126 flows (2 fds each) + state
 //!                            ◀──          End {flows, fds}
 //!  checks the counts; Ack    ──▶          (a count mismatch or Refuse: old resumes)
-//!  attaches its own verdict program to the maps (see Program below), adopts the flows into
+//!  attaches its own verdict program to the maps (instant), adopts the flows into
 //!  its shards (FIN/RST watching starts), loads the records from the data dir onto the
 //!  inherited listeners, serves the API
 //!  Exit                      ──▶          forgets its flows without touching sockets or maps;
@@ -58,9 +63,11 @@
 //! descriptors, so the new daemon pins the four received maps into a private directory
 //! (mode 0700) on a bpffs, loads its object with `map_pin_path` (which opens the pins instead
 //! of creating maps), checks that every map of the loaded object has the kernel id of the map
-//! it received (a pin that did not lead to it would have made a fresh, empty map), attaches
-//! the verdict to `SOCKS` (replacing the old attachment for future inserts; the map is never
-//! without a program) and removes the pins and the directory on every path. Every run of the
+//! it received (a pin that did not lead to it would have made a fresh, empty map), loads the
+//! program (the verifier: ~0.1 s here, ~15 s in an emulated guest, so before the old daemon
+//! freezes anything) and removes the pins and the directory on every path. After `Ack` it
+//! attaches the verdict to `SOCKS`, replacing the old attachment for future inserts (the map
+//! is never without a program). Every run of the
 //! program writes its version ([`ingress_common::PROGRAM_VERSION`], or the test hook
 //! `INGRESSD_TEST_PROGRAM_VERSION`) into the direction it judges, so `/flows` shows which
 //! program serves each flow.
@@ -100,7 +107,7 @@ pub use old::{Handover, OldSide, serve};
 pub const SOCKET_FILE: &str = "takeover.sock";
 
 /// Version of the messages and flow state below; bump it whenever either changes.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 /// Environment variable of a test-only hook in the new daemon: `exit-after-ack:<ms>` makes it
 /// wait `<ms>` milliseconds after acknowledging the descriptors, then exit without adopting
@@ -166,13 +173,15 @@ enum Message {
     /// New → old: who is asking.
     Hello { compat: Compat },
     /// Old → new: the hand-off starts. `program_version`: the version of the program serving
-    /// the old daemon's new flows (0: none, or a daemon that did not say).
+    /// the old daemon's new flows (0: none); `maps`: whether `Maps` follows at once.
     Offer {
         compat: Compat,
         pid: u32,
-        #[serde(default)]
         program_version: u32,
+        maps: bool,
     },
+    /// New → old: this daemon's program is loaded on the maps (or could not be); go on.
+    Ready,
     /// Either way: the hand-off is off.
     Refuse { reason: String },
     /// Old → new: the kernel path's maps are attached (four descriptors).
