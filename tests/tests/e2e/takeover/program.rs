@@ -122,7 +122,7 @@ pub(crate) fn upgrade_to_a_new_program(pin_impossible: bool) {
     }
     let successor = daemon.start_successor(None, &env).unwrap();
     let (status, _) = daemon
-        .complete_takeover(successor, Duration::from_secs(20))
+        .complete_takeover(successor, Duration::from_secs(40))
         .unwrap();
     assert!(
         status.success(),
