@@ -345,7 +345,7 @@ pub(crate) fn upgrade_under_load(live_flows: usize, per_second: u64) {
         .collect();
     eprintln!(
         "takeover: {live_flows} live flows, {HANDOFFS} hand-offs; old process gone {gone_ms:?} ms \
-         after the successor started (daemons' hand-off, offer to exit: {:?} ms); worst \
+         after the successor started (daemons' hand-off, ready to exit: {:?} ms); worst \
          ping-pong RTT during the hand-offs {:.2} ms (whole run {:.2} ms, {} pings); \
          {connections} new connections, {} failed; {bulk_bytes} bytes each way on \
          {BULK_FLOWS} bulk flows",
