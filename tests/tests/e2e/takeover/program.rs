@@ -23,8 +23,9 @@ use crate::common::metric;
 const VERSION_ENV: &str = "INGRESSD_TEST_PROGRAM_VERSION";
 /// The daemon's test hook for the directory it pins maps in.
 const BPFFS_ENV: &str = "INGRESSD_TEST_BPFFS";
-/// Bytes each flow opened after the hand-off echoes.
-const NEW_FLOW_BYTES: usize = 8 << 20;
+/// Bytes each flow opened after the hand-off echoes (its first 64 KiB are relayed in
+/// userspace before the flow is handed to the kernel path).
+const NEW_FLOW_BYTES: usize = 16 << 20;
 
 /// The live flows, by ID.
 fn flows(api: &ApiClient) -> Vec<Value> {
@@ -106,9 +107,17 @@ pub(crate) fn upgrade_to_a_new_program(pin_impossible: bool) {
         (0..4).map(|_| open_flow(addr).unwrap()).collect(),
         stop.clone(),
     );
-    std::thread::sleep(Duration::from_millis(400));
-    let before = flows(&api);
-    assert_eq!(before.len(), 6, "every old flow is live");
+    // Listed once their first phase (relayed in userspace) has handed them to the kernel, and
+    // stamped once the program has judged their bytes.
+    let before = ingress_tests::process::wait_until(
+        "every old flow on the kernel path",
+        Duration::from_secs(20),
+        || {
+            let listed = flows(&api);
+            Ok((listed.len() == 6 && listed.iter().all(|f| version(f) != 0)).then_some(listed))
+        },
+    )
+    .unwrap();
     for f in &before {
         assert_eq!(version(f), old_version, "old flow before the hand-off: {f}");
     }
