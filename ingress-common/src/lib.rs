@@ -7,7 +7,13 @@
 #![no_std]
 
 /// Version of the map layouts below; bump it whenever a layout changes.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
+
+/// Version of the verdict program; bump it on every change to the program. The loader sets
+/// it in the program's [`PROGRAM_VERSION_GLOBAL`], and the program writes it into every
+/// direction it judges ([`DirState::program_version`]), so a daemon can tell which program
+/// serves a flow.
+pub const PROGRAM_VERSION: u32 = 1;
 
 /// Name of the sockhash holding every spliced socket, keyed by socket cookie.
 pub const SOCKS_MAP: &str = "SOCKS";
@@ -24,6 +30,9 @@ pub const COPIED_SEQ_OFFSET_GLOBAL: &str = "COPIED_SEQ_OFFSET";
 /// Name of the global holding the offset of `cb` in the kernel's `struct sk_buff` (TCP keeps a
 /// segment's sequence number at its start).
 pub const SKB_CB_OFFSET_GLOBAL: &str = "SKB_CB_OFFSET";
+/// Name of the global holding the program's version ([`PROGRAM_VERSION`] unless the loader
+/// says otherwise).
+pub const PROGRAM_VERSION_GLOBAL: &str = "PROGRAM_VERSION";
 /// Name of the stream verdict program.
 pub const VERDICT_PROGRAM: &str = "splice_verdict";
 
@@ -35,7 +44,7 @@ pub const MAX_DIRS: u32 = MAX_SOCKS;
 /// State of one direction of a spliced flow: bytes arriving on the source socket and sent out
 /// of its peer, the destination.
 ///
-/// The first half is written only by the daemon, the second half only by the verdict program,
+/// The first 64 bytes are written only by the daemon, the rest only by the verdict program,
 /// so neither side ever overwrites the other's fields. Both sides reach the same memory: the
 /// daemon maps the array with `mmap`, the program gets a pointer from `bpf_map_lookup_elem`.
 /// Reserved fields keep room for later versions without changing the layout.
@@ -85,6 +94,13 @@ pub struct DirState {
     /// Bytes at the head of retransmitted segments that repeated bytes already judged, cut off
     /// before the verdict (see the program's documentation). Program-written.
     pub overlap_trimmed: u64,
+    /// Version of the program that judged this direction last (0: none yet). Program-written,
+    /// on every run.
+    pub program_version: u32,
+    /// Reserved for the program, zero.
+    pub _program_reserved32: u32,
+    /// Reserved for the program, zero.
+    pub _program_reserved: [u64; 2],
 }
 
 /// `DirState::seq_state`: the program has not seen a segment of this direction yet.
@@ -95,7 +111,7 @@ pub const SEQ_TRACKED: u32 = 1;
 /// everything from this source and has told the daemon, which resets the flow.
 pub const SEQ_BROKEN: u32 = 2;
 
-const _: () = assert!(core::mem::size_of::<DirState>() == 128);
+const _: () = assert!(core::mem::size_of::<DirState>() == 152);
 
 /// A ring-buffer event: direction `index` has more than its soft mark in flight.
 #[repr(C)]
@@ -123,8 +139,8 @@ const _: () = assert!(core::mem::size_of::<SockDir>() == 8);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: `DirState` is `repr(C)`, made of `u64`s only, with no padding; any bit pattern is
-    // a valid value.
+    // SAFETY: `DirState` is `repr(C)`, made of `u64`s and pairs of `u32`s, with no padding; any
+    // bit pattern is a valid value.
     unsafe impl aya::Pod for super::DirState {}
     // SAFETY: `SockDir` is `repr(C)`, two `u32`s with no implicit padding; any bit pattern is
     // valid.

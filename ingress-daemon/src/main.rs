@@ -189,7 +189,13 @@ fn main() -> ExitCode {
         let started = match inherited.as_mut() {
             Some(i) => {
                 let used = i.used_dirs();
-                splice::Engine::start_adopting(engine_config(&shared.config), i.maps.take(), &used)
+                splice::Engine::start_adopting(
+                    engine_config(&shared.config),
+                    i.maps.take(),
+                    &used,
+                    i.program_version,
+                    i.program.take(),
+                )
             }
             None => splice::Engine::start(engine_config(&shared.config)),
         };

@@ -500,6 +500,27 @@ impl SharedMapping {
     }
 }
 
+/// `BPF_FS_MAGIC`, the `f_type` of a bpffs mount.
+const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+
+/// Whether `path` is on a bpffs (where eBPF objects can be pinned).
+pub fn is_bpffs(path: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut stat = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c_path` is a NUL-terminated string and `stat` a writable `statfs`; both outlive
+    // the call.
+    cvt(unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) })?;
+    // SAFETY: `statfs` succeeded and filled the struct (and it was zeroed before).
+    let stat = unsafe { stat.assume_init() };
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between targets"
+    )]
+    Ok(stat.f_type as libc::c_long == BPF_FS_MAGIC)
+}
+
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
 /// `BPF_MAP_GET_NEXT_KEY` for maps with `u64` keys: the key after `key` (the first key when

@@ -88,9 +88,11 @@ const TRIM_STEP: u32 = 0xfff;
 /// Calls allowed for one cut: 64 × 4095 bytes covers the largest aggregated segment.
 const MAX_TRIM_STEPS: u32 = 64;
 
-/// Version of this program, exposed so a daemon can tell which program a flow runs under.
+/// Version of this program, set by the loader (`ingress_common::PROGRAM_VERSION` unless a test
+/// says otherwise) and written into every direction the program judges, so the daemon can tell
+/// which program serves a flow.
 #[unsafe(no_mangle)]
-static PROGRAM_VERSION: Global<u32> = Global::new(ingress_common::MAP_LAYOUT_VERSION);
+static PROGRAM_VERSION: Global<u32> = Global::new(0);
 
 const SK_PASS: u32 = sk_action::SK_PASS;
 const SK_DROP: u32 = sk_action::SK_DROP;
@@ -116,6 +118,8 @@ fn try_splice_verdict(ctx: &SkBuffContext) -> u32 {
     let Some(state) = DIRS.get_ptr_mut(index) else {
         return SK_PASS;
     };
+    // SAFETY: as below; a program-written field, one store per run.
+    unsafe { (*state).program_version = PROGRAM_VERSION.load() };
     // SAFETY: `state` points into the array map for as long as the program runs; the verdict of
     // one socket does not run concurrently with itself. Daemon-written fields are read volatile.
     unsafe {

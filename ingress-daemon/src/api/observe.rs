@@ -67,6 +67,10 @@ pub struct FlowEntry {
     pub gated: bool,
     /// Times the gate closed.
     pub gate_closures: u64,
+    /// Version of the eBPF program that judged the flow's bytes last (`sockmap` flows; 0 when
+    /// it has judged none yet, and on other paths). A flow keeps the program it started with
+    /// across takeovers.
+    pub program_version: u32,
 }
 
 /// A page of live flows.

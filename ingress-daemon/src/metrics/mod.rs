@@ -261,6 +261,12 @@ pub struct DataPathView {
     pub usage: splice::Usage,
     /// Whether the eBPF verdict program is loaded and attached.
     pub program_loaded: bool,
+    /// Version of the verdict program serving new flows (0 off the kernel path, or a previous
+    /// daemon's program of unknown version).
+    pub program_version: u32,
+    /// Whether new flows run a previous daemon's program because attaching this daemon's own
+    /// to the handed-over maps failed.
+    pub program_inherited: bool,
     /// Whether the kernel offers kTLS.
     pub ktls_available: bool,
     /// Sockets in the sockhash (two per kernel flow).

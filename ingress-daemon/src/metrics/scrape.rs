@@ -296,6 +296,22 @@ impl Scrape {
         )?;
         single(
             e,
+            "ingressd_ebpf_program_version",
+            "Version of the eBPF verdict program new passthrough flows run (0 when none is \
+             loaded); live flows keep the program they started with.",
+            MetricType::Gauge,
+            |e| gauge(e, i64::from(v.program_version)),
+        )?;
+        single(
+            e,
+            "ingressd_ebpf_program_inherited",
+            "1 when new flows run the previous daemon's verdict program because this daemon \
+             could not attach its own to the handed-over maps after a takeover.",
+            MetricType::Gauge,
+            |e| gauge(e, i64::from(v.program_inherited)),
+        )?;
+        single(
+            e,
             "ingressd_ktls_available",
             "1 when the kernel offers kernel TLS.",
             MetricType::Gauge,

@@ -147,6 +147,8 @@ impl DataPlane {
         DataPathView {
             usage: engine.usage().await,
             program_loaded: engine.path() == splice::Path::Sockmap,
+            program_version: engine.serving_program().map_or(0, |p| p.version),
+            program_inherited: engine.serving_program().is_some_and(|p| !p.own),
             ktls_available: self.inner.ktls.available(),
             sockhash_entries: engine.kernel_dirs_in_use().unwrap_or(0),
             sockhash_capacity: engine.kernel_capacity().unwrap_or(0),
@@ -192,6 +194,7 @@ impl DataPlane {
                 },
                 gated: f.gated,
                 gate_closures: f.gate_closures,
+                program_version: f.program_version,
             })
             .collect();
         for (id, f) in self.inner.terminated.page(after, limit) {
@@ -214,6 +217,7 @@ impl DataPlane {
                 },
                 gated: false,
                 gate_closures: 0,
+                program_version: 0,
             });
         }
         entries.sort_by_key(|e| e.id);
@@ -242,6 +246,7 @@ impl ReadinessProbe for DataPlane {
     fn report(&self) -> ProbeReport {
         let engine = &self.inner.engine;
         let loaded = engine.path() == splice::Path::Sockmap;
+        let program = engine.serving_program();
         let active = self.inner.metrics.ingresses();
         let live = |mode, path| active.iter().map(|m| m.active(mode, path)).sum::<u64>();
         ProbeReport {
@@ -254,6 +259,9 @@ impl ReadinessProbe for DataPlane {
                     "unavailable_reason": engine.kernel_unavailable_reason(),
                     "sockhash_entries": engine.kernel_dirs_in_use().unwrap_or(0),
                     "sockhash_capacity": engine.kernel_capacity().unwrap_or(0),
+                    "program_version": program.map_or(0, |p| p.version),
+                    "program": program.map(|p| if p.own { "own" } else { "inherited" }),
+                    "program_fallback_reason": program.and_then(|p| p.fallback_reason.as_deref()),
                 },
                 "ebpf_loaded": loaded,
                 "ebpf_unavailable_reason": engine.kernel_unavailable_reason(),

@@ -4,6 +4,12 @@
 //! sk_skb with `BPF_PROG_ATTACH` and detaches on drop), duplicates of the map descriptors for
 //! lock-free element updates from any thread, and the memory-mapped direction array.
 //!
+//! A daemon that takes over another's maps loads its own program on them
+//! ([`PreparedProgram::load`]) and attaches it to the sockhash ([`KernelPath::adopt`]): flows inserted from then on run it,
+//! flows already in the map keep the program they were inserted with (a socket's psock copies
+//! the map's programs at insertion; kernel 4.20+). When that fails, the previous daemon's
+//! program stays attached and serves new flows too.
+//!
 //! Per flow, [`KernelPath::insert`] does, in this order (DESIGN.md §3):
 //! 1. read both cookies and each socket's write-sequence baseline (`bytes_acked + SIOCOUTQ`,
 //!    taken while nothing else writes to it);
@@ -16,6 +22,7 @@ use std::{
     collections::VecDeque,
     mem::offset_of,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
+    path::Path,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -28,25 +35,43 @@ use aya::{
     programs::SkSkb,
 };
 use ingress_common::{
-    BYTES_ACKED_OFFSET_GLOBAL, COPIED_SEQ_OFFSET_GLOBAL, DIRS_MAP, DirState, MAX_DIRS, SEQ_BROKEN,
-    SKB_CB_OFFSET_GLOBAL, SOCK_DIR_MAP, SOCKS_MAP, SockDir, VERDICT_PROGRAM,
+    BYTES_ACKED_OFFSET_GLOBAL, COPIED_SEQ_OFFSET_GLOBAL, DIRS_MAP, DirState, EVENTS_MAP, MAX_DIRS,
+    PROGRAM_VERSION_GLOBAL, SEQ_BROKEN, SKB_CB_OFFSET_GLOBAL, SOCK_DIR_MAP, SOCKS_MAP, SockDir,
+    VERDICT_PROGRAM,
 };
+use tracing::{info, warn};
 
-use super::{SpliceError, btf};
+use super::{SpliceError, btf, pins};
 use crate::sys;
 
 /// The verdict program object, built by `build.rs`.
 static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ingress-ebpf"));
 
-/// FNV-1a of the embedded program object, in hex.
+/// Environment variable of a test-only hook: the program version to load instead of
+/// [`ingress_common::PROGRAM_VERSION`] (so a test can tell two builds' programs apart).
+pub const TEST_PROGRAM_VERSION_ENV: &str = "INGRESSD_TEST_PROGRAM_VERSION";
+
+/// The version this daemon loads its program with: [`ingress_common::PROGRAM_VERSION`] unless
+/// [`TEST_PROGRAM_VERSION_ENV`] names another.
+pub(crate) fn loaded_program_version() -> u32 {
+    version_or_default(std::env::var(TEST_PROGRAM_VERSION_ENV).ok().as_deref())
+}
+
+fn version_or_default(hook: Option<&str>) -> u32 {
+    hook.and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|&v| v != 0)
+        .unwrap_or(ingress_common::PROGRAM_VERSION)
+}
+
+/// FNV-1a of the embedded program object, in hex, with the version it is loaded with.
 pub(crate) fn program_identity() -> String {
     let hash = PROGRAM_OBJECT
         .iter()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-    format!("{hash:016x}")
+    format!("{hash:016x}-v{}", loaded_program_version())
 }
 
 /// Why the kernel path could not be set up.
@@ -76,6 +101,35 @@ pub enum LoadError {
         call: &'static str,
         /// The error.
         source: std::io::Error,
+    },
+    /// No bpffs to pin the handed-over maps in.
+    #[error("{path} is not a bpffs mount")]
+    NoBpffs {
+        /// The directory looked at.
+        path: String,
+    },
+    /// Pinning a handed-over map failed.
+    #[error("pinning map {name} in {path}: {source}")]
+    Pin {
+        /// The map.
+        name: &'static str,
+        /// The pin path.
+        path: String,
+        /// The error.
+        source: aya::pin::PinError,
+    },
+    /// The takeover did not prepare a program for the handed-over maps.
+    #[error("no program was prepared for the handed-over maps")]
+    NotPrepared,
+    /// A map of the loaded object is not the handed-over map (the pin did not lead to it).
+    #[error("map {name} loaded as map id {loaded}, but the handed-over map has id {received}")]
+    MapMismatch {
+        /// The map.
+        name: &'static str,
+        /// Kernel id of the handed-over map.
+        received: u32,
+        /// Kernel id of the map the object uses.
+        loaded: u32,
     },
 }
 
@@ -136,6 +190,12 @@ impl DirView<'_> {
         u32::try_from(word >> 32).is_ok_and(|state| state == SEQ_BROKEN)
     }
 
+    /// Version of the program that judged this direction last (0: none yet).
+    pub(crate) fn program_version(&self) -> u32 {
+        // `program_version` is the lower half of its 64-bit word.
+        (self.load(offset_of!(DirState, program_version)) & u64::from(u32::MAX)) as u32
+    }
+
     /// Bytes of retransmitted segments the program cut because they repeated judged bytes.
     pub(crate) fn overlap_trimmed(&self) -> u64 {
         self.load(offset_of!(DirState, overlap_trimmed))
@@ -184,6 +244,13 @@ impl DirView<'_> {
             u64::from(state.next_seq) | (u64::from(state.seq_state) << 32),
         );
         self.store(offset_of!(DirState, overlap_trimmed), state.overlap_trimmed);
+        self.store(
+            offset_of!(DirState, program_version),
+            u64::from(state.program_version),
+        );
+        for (i, &word) in state._program_reserved.iter().enumerate() {
+            self.store(offset_of!(DirState, _program_reserved) + 8 * i, word);
+        }
         self.store(offset_of!(DirState, relayed), state.relayed);
         self.store(
             offset_of!(DirState, congestion_events),
@@ -200,11 +267,25 @@ impl DirView<'_> {
     }
 }
 
+/// Which program serves the flows inserted from now on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServingProgram {
+    /// Its version (0: unknown, a previous daemon's program that did not say).
+    pub version: u32,
+    /// Whether this daemon loaded it (`false`: the previous daemon's program stayed attached).
+    pub own: bool,
+    /// Why this daemon's own program is not attached, when it is not.
+    pub fallback_reason: Option<String>,
+}
+
 /// The loaded verdict program and its maps.
 pub(crate) struct KernelPath {
-    /// Keeps the program loaded and attached; `None` when the maps were handed over by another
-    /// daemon (the program stays attached to the sockhash, which holds a reference to it).
-    _object: Option<Ebpf>,
+    /// Keeps this daemon's program loaded and attached (dropping it detaches); `None` when the
+    /// maps were handed over and the previous daemon's program stayed attached (the sockhash
+    /// holds a reference to it).
+    object: Mutex<Option<Ebpf>>,
+    /// The program serving new flows.
+    serving: ServingProgram,
     socks: OwnedFd,
     sock_dir: OwnedFd,
     dirs_fd: OwnedFd,
@@ -259,12 +340,18 @@ fn offset32(offset: u64, reason: &'static str) -> Result<u32, LoadError> {
         .ok_or(LoadError::Btf(btf::BtfError::Malformed { reason }))
 }
 
+fn map_data<'a>(object: &'a Ebpf, name: &'static str) -> Result<&'a MapData, LoadError> {
+    match object.map(name) {
+        Some(Map::SockHash(data) | Map::HashMap(data) | Map::Array(data) | Map::RingBuf(data)) => {
+            Ok(data)
+        }
+        _ => Err(LoadError::Missing { what: "map", name }),
+    }
+}
+
 fn map_fd(object: &Ebpf, name: &'static str) -> Result<OwnedFd, LoadError> {
-    let data: &MapData = match object.map(name) {
-        Some(Map::SockHash(data) | Map::HashMap(data) | Map::Array(data)) => data,
-        _ => return Err(LoadError::Missing { what: "map", name }),
-    };
-    data.fd()
+    map_data(object, name)?
+        .fd()
         .as_fd()
         .try_clone_to_owned()
         .map_err(|source| LoadError::Sys {
@@ -277,59 +364,21 @@ impl KernelPath {
     /// Loads and attaches the verdict program. Fails without privilege (CAP_BPF, CAP_NET_ADMIN,
     /// CAP_PERFMON) or on kernels without the needed helpers (`bpf_skc_to_tcp_sock`: 5.9+).
     pub(crate) fn load() -> Result<Self, LoadError> {
-        let offset = btf::kernel_member_offset("tcp_sock", "bytes_acked")?;
-        let acked32 = offset32(offset, "tcp_sock.bytes_acked offset out of range")?;
-        let copied_seq = offset32(
-            btf::kernel_member_offset("tcp_sock", "copied_seq")?,
-            "tcp_sock.copied_seq offset out of range",
-        )?;
-        let skb_cb = offset32(
-            btf::kernel_member_offset("sk_buff", "cb")?,
-            "sk_buff.cb offset out of range",
-        )?;
-        let mut object = EbpfLoader::new()
-            .override_global(BYTES_ACKED_OFFSET_GLOBAL, &acked32, true)
-            .override_global(COPIED_SEQ_OFFSET_GLOBAL, &copied_seq, true)
-            .override_global(SKB_CB_OFFSET_GLOBAL, &skb_cb, true)
-            .load(PROGRAM_OBJECT)?;
+        let (mut object, offset) = load_object(None)?;
         let socks = map_fd(&object, SOCKS_MAP)?;
         let sock_dir = map_fd(&object, SOCK_DIR_MAP)?;
         let dirs_fd = map_fd(&object, DIRS_MAP)?;
         let dirs = map_dirs(dirs_fd.as_fd())?;
-        let socks_map_fd = match object.map(SOCKS_MAP) {
-            Some(map @ Map::SockHash(_)) => aya::maps::SockHash::<_, u64>::try_from(map)
-                .map_err(aya::EbpfError::MapError)?
-                .fd()
-                .try_clone()
-                .map_err(|source| LoadError::Sys {
-                    call: "dup sockhash fd",
-                    source,
-                })?,
-            _ => {
-                return Err(LoadError::Missing {
-                    what: "map",
-                    name: SOCKS_MAP,
-                });
-            }
-        };
-        let events = match object.take_map(ingress_common::EVENTS_MAP) {
+        let events = match object.take_map(EVENTS_MAP) {
             Some(map) => aya::maps::RingBuf::try_from(map).map_err(aya::EbpfError::MapError)?,
             None => {
                 return Err(LoadError::Missing {
                     what: "map",
-                    name: ingress_common::EVENTS_MAP,
+                    name: EVENTS_MAP,
                 });
             }
         };
-        let program: &mut SkSkb = object
-            .program_mut(VERDICT_PROGRAM)
-            .ok_or(LoadError::Missing {
-                what: "program",
-                name: VERDICT_PROGRAM,
-            })?
-            .try_into()?;
-        program.load()?;
-        program.attach(&socks_map_fd)?;
+        attach_verdict(&mut object)?;
         let events_fd = events
             .as_fd()
             .try_clone_to_owned()
@@ -338,7 +387,12 @@ impl KernelPath {
                 source,
             })?;
         Ok(Self {
-            _object: Some(object),
+            object: Mutex::new(Some(object)),
+            serving: ServingProgram {
+                version: loaded_program_version(),
+                own: true,
+                fallback_reason: None,
+            },
             socks,
             sock_dir,
             dirs_fd,
@@ -350,27 +404,71 @@ impl KernelPath {
         })
     }
 
-    /// Takes over the maps of another daemon's kernel path: the program it attached stays
-    /// attached (the sockhash holds it) and keeps serving the flows inserted with it. `used`
-    /// lists the direction slots of the flows handed over with the maps.
-    pub(crate) fn adopt(maps: MapFds, used: &[DirIndex]) -> Result<Self, LoadError> {
-        let MapFds {
-            socks,
-            sock_dir,
-            dirs: dirs_fd,
-            events: events_fd,
-        } = maps;
-        let dirs = map_dirs(dirs_fd.as_fd())?;
-        let ring_fd = events_fd.try_clone().map_err(|source| LoadError::Sys {
+    /// Takes over the maps of another daemon's kernel path and attaches this daemon's program,
+    /// `prepared` on them beforehand (flows already in the sockhash keep the program they were
+    /// inserted with). When that fails, the program the other daemon attached (version
+    /// `inherited_version`, 0 if unknown) stays attached and serves new flows too. `used` lists
+    /// the direction slots of the flows handed over with the maps.
+    pub(crate) fn adopt(
+        maps: MapFds,
+        used: &[DirIndex],
+        inherited_version: u32,
+        prepared: Result<PreparedProgram, LoadError>,
+    ) -> Result<Self, LoadError> {
+        // Everything that can fail comes before the attach: once attached, dropping the object
+        // on an error would leave the sockhash without a program.
+        let dirs = map_dirs(maps.dirs.as_fd())?;
+        let ring_fd = maps.events.try_clone().map_err(|source| LoadError::Sys {
             call: "dup ring buffer fd",
             source,
         })?;
         let ring_data = MapData::from_fd(ring_fd).map_err(aya::EbpfError::MapError)?;
         let events = aya::maps::RingBuf::try_from(Map::RingBuf(ring_data))
             .map_err(aya::EbpfError::MapError)?;
+        let attached = prepared.and_then(|mut p| {
+            attach_verdict(&mut p.object)?;
+            Ok((p.object, p.bytes_acked_offset))
+        });
+        let (object, serving, bytes_acked_offset) = match attached {
+            Ok((object, offset)) => {
+                let version = loaded_program_version();
+                info!(
+                    version,
+                    previous = inherited_version,
+                    "own verdict program attached to the handed-over maps; live flows keep theirs"
+                );
+                let serving = ServingProgram {
+                    version,
+                    own: true,
+                    fallback_reason: None,
+                };
+                (Some(object), serving, offset)
+            }
+            Err(err) => {
+                warn!(
+                    error = %err,
+                    version = inherited_version,
+                    "cannot attach this daemon's verdict program; new flows keep the previous \
+                     daemon's"
+                );
+                let serving = ServingProgram {
+                    version: inherited_version,
+                    own: false,
+                    fallback_reason: Some(err.to_string()),
+                };
+                (None, serving, 0)
+            }
+        };
+        let MapFds {
+            socks,
+            sock_dir,
+            dirs: dirs_fd,
+            events: events_fd,
+        } = maps;
         let in_use: std::collections::HashSet<DirIndex> = used.iter().copied().collect();
         Ok(Self {
-            _object: None,
+            object: Mutex::new(object),
+            serving,
             socks,
             sock_dir,
             dirs_fd,
@@ -378,8 +476,27 @@ impl KernelPath {
             dirs,
             events: Mutex::new(Some(events)),
             free: Mutex::new((0..MAX_DIRS).filter(|d| !in_use.contains(d)).collect()),
-            bytes_acked_offset: 0,
+            bytes_acked_offset,
         })
+    }
+
+    /// The program serving new flows.
+    pub(crate) fn serving(&self) -> &ServingProgram {
+        &self.serving
+    }
+
+    /// Attaches this daemon's program to the sockhash again, after a hand-off that failed once
+    /// the next daemon may have attached its own. Without a program of its own (the previous
+    /// daemon's stayed attached) there is nothing to restore.
+    pub(crate) fn reattach(&self) {
+        let Ok(mut object) = self.object.lock() else {
+            return;
+        };
+        if let Some(object) = object.as_mut()
+            && let Err(err) = attach_verdict(object)
+        {
+            warn!(error = %err, "re-attaching the verdict program");
+        }
     }
 
     /// Duplicates of the map descriptors, for a hand-off to another daemon.
@@ -523,6 +640,120 @@ impl KernelPath {
     }
 }
 
+/// Loads the object with the globals the program needs; with `pins`, its four maps are the
+/// pinned ones (opened, not created). Returns it with `tcp_sock.bytes_acked`'s offset.
+fn load_object(pins: Option<&pins::PinnedMaps>) -> Result<(Ebpf, u64), LoadError> {
+    let offset = btf::kernel_member_offset("tcp_sock", "bytes_acked")?;
+    let acked32 = offset32(offset, "tcp_sock.bytes_acked offset out of range")?;
+    let copied_seq = offset32(
+        btf::kernel_member_offset("tcp_sock", "copied_seq")?,
+        "tcp_sock.copied_seq offset out of range",
+    )?;
+    let skb_cb = offset32(
+        btf::kernel_member_offset("sk_buff", "cb")?,
+        "sk_buff.cb offset out of range",
+    )?;
+    let version = loaded_program_version();
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global(BYTES_ACKED_OFFSET_GLOBAL, &acked32, true)
+        .override_global(COPIED_SEQ_OFFSET_GLOBAL, &copied_seq, true)
+        .override_global(SKB_CB_OFFSET_GLOBAL, &skb_cb, true)
+        .override_global(PROGRAM_VERSION_GLOBAL, &version, true);
+    if let Some(pins) = pins {
+        for (name, path) in pins.paths() {
+            loader.map_pin_path(name, Path::new(path));
+        }
+    }
+    Ok((loader.load(PROGRAM_OBJECT)?, offset))
+}
+
+/// Loads and attaches the verdict to the object's sockhash (replacing the program attached
+/// there for sockets inserted from now on).
+fn attach_verdict(object: &mut Ebpf) -> Result<(), LoadError> {
+    let socks_map_fd = match object.map(SOCKS_MAP) {
+        Some(map @ Map::SockHash(_)) => aya::maps::SockHash::<_, u64>::try_from(map)
+            .map_err(aya::EbpfError::MapError)?
+            .fd()
+            .try_clone()
+            .map_err(|source| LoadError::Sys {
+                call: "dup sockhash fd",
+                source,
+            })?,
+        _ => {
+            return Err(LoadError::Missing {
+                what: "map",
+                name: SOCKS_MAP,
+            });
+        }
+    };
+    let program: &mut SkSkb = object
+        .program_mut(VERDICT_PROGRAM)
+        .ok_or(LoadError::Missing {
+            what: "program",
+            name: VERDICT_PROGRAM,
+        })?
+        .try_into()?;
+    if program.fd().is_err() {
+        program.load()?;
+    }
+    program.attach(&socks_map_fd)?;
+    Ok(())
+}
+
+/// This daemon's program, loaded (and verified) on another daemon's maps, not attached yet.
+pub struct PreparedProgram {
+    object: Ebpf,
+    bytes_acked_offset: u64,
+}
+
+impl std::fmt::Debug for PreparedProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedProgram").finish_non_exhaustive()
+    }
+}
+
+impl PreparedProgram {
+    /// Loads this daemon's program on handed-over maps (pinned for the load, unpinned on
+    /// every path), after checking that every map of the object is the handed-over one. The
+    /// verifier runs here, so attaching later is instant.
+    pub fn load(maps: &MapFds) -> Result<Self, LoadError> {
+        let (object, bytes_acked_offset) = load_on_maps(maps)?;
+        Ok(Self {
+            object,
+            bytes_acked_offset,
+        })
+    }
+}
+
+fn load_on_maps(maps: &MapFds) -> Result<(Ebpf, u64), LoadError> {
+    let pinned = pins::PinnedMaps::pin(maps)?;
+    let (mut object, offset) = load_object(Some(&pinned))?;
+    for (name, received) in pinned.ids() {
+        let loaded = map_data(&object, name)?
+            .info()
+            .map_err(aya::EbpfError::MapError)?
+            .id();
+        if loaded != received {
+            return Err(LoadError::MapMismatch {
+                name,
+                received,
+                loaded,
+            });
+        }
+    }
+    drop(pinned);
+    let program: &mut SkSkb = object
+        .program_mut(VERDICT_PROGRAM)
+        .ok_or(LoadError::Missing {
+            what: "program",
+            name: VERDICT_PROGRAM,
+        })?
+        .try_into()?;
+    program.load()?;
+    Ok((object, offset))
+}
+
 /// Maps the direction array (`DIRS`, mmapable) into this process.
 fn map_dirs(dirs: BorrowedFd<'_>) -> Result<sys::SharedMapping, LoadError> {
     sys::SharedMapping::new(dirs, MAX_DIRS as usize * size_of::<DirState>()).map_err(|source| {
@@ -560,4 +791,19 @@ fn write_seq_baseline(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
         acked = again;
     }
     Err(std::io::Error::other("send queue never settled"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_or_default;
+
+    #[test]
+    fn the_test_hook_overrides_the_program_version_only_with_a_positive_number() {
+        let built = ingress_common::PROGRAM_VERSION;
+        assert_eq!(version_or_default(None), built);
+        assert_eq!(version_or_default(Some("7")), 7);
+        assert_eq!(version_or_default(Some(" 8 ")), 8);
+        assert_eq!(version_or_default(Some("0")), built);
+        assert_eq!(version_or_default(Some("x")), built);
+    }
 }

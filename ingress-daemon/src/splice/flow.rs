@@ -648,6 +648,19 @@ impl Flow {
         self.sum_dirs(kernel, |v| v.overlap_trimmed())
     }
 
+    /// Version of the program that judged the flow last (the higher of its directions').
+    pub(super) fn program_version(&self, kernel: Option<&KernelPath>) -> u32 {
+        match (self.kernel.as_ref(), kernel) {
+            (Some(flow), Some(path)) => flow
+                .dirs
+                .iter()
+                .map(|&i| path.dir(i).program_version())
+                .max()
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// Whether a direction is gated now.
     pub(super) fn gated(&self, kernel: Option<&KernelPath>) -> bool {
         match (self.kernel.as_ref(), kernel) {

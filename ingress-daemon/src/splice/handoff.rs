@@ -80,11 +80,9 @@ pub struct ExportedFlow {
     pub pending: [Vec<u8>; 2],
 }
 
-/// What a frozen engine hands over.
+/// What a frozen engine hands over (the maps go earlier, see [`Engine::export_maps`]).
 #[derive(Debug)]
 pub struct Frozen {
-    /// The map descriptors, when the kernel path is in use.
-    pub maps: Option<MapFds>,
     /// Every live flow.
     pub flows: Vec<ExportedFlow>,
 }
@@ -129,15 +127,24 @@ impl Engine {
                 flows.extend(part?);
             }
         }
-        let maps = match &self.inner.kernel {
-            Some(path) => Some(path.export_maps()?),
-            None => None,
-        };
-        Ok(Frozen { maps, flows })
+        Ok(Frozen { flows })
     }
 
-    /// Resumes after a failed hand-off: events that arrived while frozen are handled now.
+    /// Duplicates of the kernel path's map descriptors, when it is in use: the next daemon
+    /// loads its program on them before anything here is frozen.
+    pub fn export_maps(&self) -> std::io::Result<Option<MapFds>> {
+        match &self.inner.kernel {
+            Some(path) => Ok(Some(path.export_maps()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Resumes after a failed hand-off: events that arrived while frozen are handled now, and
+    /// this daemon's program is attached again (the next daemon may have attached its own).
     pub fn resume(&self) {
+        if let Some(path) = &self.inner.kernel {
+            path.reattach();
+        }
         for tx in &self.inner.shards {
             let _ = tx.send(shard::Command::Resume);
         }

@@ -23,12 +23,14 @@
 //! - `ebpf`: loads the program, owns the maps, inserts and removes flows.
 //! - `flow`: one flow's state machine.
 //! - `handoff`: freezing, exporting and adopting live flows for a takeover.
+//! - `pins`: pins handed-over maps on a bpffs while this daemon's program loads on them.
 //! - `shard`: the event loop driving a set of flows.
 
 mod btf;
 mod ebpf;
 mod flow;
 mod handoff;
+mod pins;
 mod shard;
 
 use std::{
@@ -45,8 +47,9 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-pub use ebpf::LoadError;
+pub use ebpf::{LoadError, PreparedProgram, ServingProgram, TEST_PROGRAM_VERSION_ENV};
 pub use handoff::{AdoptError, DirState, ExportedFlow, FlowState, Frozen, KernelState, MapFds};
+pub use pins::TEST_BPFFS_ENV;
 
 use crate::sys;
 
@@ -306,6 +309,9 @@ pub struct FlowInfo {
     pub gated: bool,
     /// Times the gate closed.
     pub gate_closures: u64,
+    /// Version of the program that judged the flow's bytes last (0: none yet, or not on the
+    /// kernel path).
+    pub program_version: u32,
 }
 
 /// Bytes userspace consumed from each socket before the hand-off (e.g. a Postgres
@@ -497,23 +503,29 @@ impl Engine {
     /// Loads the eBPF program (unless offload is off) and starts the event loops on the
     /// current tokio runtime.
     pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
-        Self::start_adopting(config, None, &[])
+        Self::start_adopting(config, None, &[], 0, None)
     }
 
-    /// Like [`Self::start`], but with the maps another daemon handed over instead of loading
-    /// the program (`used`: the direction slots of the flows that came with them; adopt those
-    /// flows next with [`Self::adopt`]). Without maps, the offload mode decides as in
-    /// [`Self::start`].
+    /// Like [`Self::start`], but on the maps another daemon handed over (`used`: the direction
+    /// slots of the flows that came with them; adopt those flows next with [`Self::adopt`]).
+    /// This daemon's program, `prepared` on them, is attached for new flows; if it could not
+    /// be prepared, the other daemon's program (version `inherited_version`, 0 if unknown)
+    /// serves new flows too. Without maps, the offload mode decides as in [`Self::start`].
     pub fn start_adopting(
         config: EngineConfig,
         maps: Option<MapFds>,
         used: &[u32],
+        inherited_version: u32,
+        prepared: Option<Result<PreparedProgram, LoadError>>,
     ) -> Result<Self, EngineError> {
+        let prepared = prepared.unwrap_or(Err(LoadError::NotPrepared));
         let (kernel, kernel_unavailable) = match (maps, config.offload) {
-            (Some(maps), _) => match ebpf::KernelPath::adopt(maps, used) {
-                Ok(path) => (Some(Arc::new(path)), None),
-                Err(err) => return Err(EngineError::OffloadUnavailable(err)),
-            },
+            (Some(maps), _) => {
+                match ebpf::KernelPath::adopt(maps, used, inherited_version, prepared) {
+                    Ok(path) => (Some(Arc::new(path)), None),
+                    Err(err) => return Err(EngineError::OffloadUnavailable(err)),
+                }
+            }
             (None, Offload::Off) => (None, Some("offload is off".to_owned())),
             (None, Offload::Auto) => match ebpf::KernelPath::load() {
                 Ok(path) => (Some(Arc::new(path)), None),
@@ -530,6 +542,8 @@ impl Engine {
         if let Some(path) = &kernel {
             info!(
                 bytes_acked_offset = path.bytes_acked_offset,
+                program_version = path.serving().version,
+                own_program = path.serving().own,
                 "kernel splice ready"
             );
         }
@@ -579,6 +593,11 @@ impl Engine {
         } else {
             Path::Userspace
         }
+    }
+
+    /// The program serving new flows, on the kernel path.
+    pub fn serving_program(&self) -> Option<&ServingProgram> {
+        self.inner.kernel.as_deref().map(ebpf::KernelPath::serving)
     }
 
     /// Why the kernel path is not in use, if it is not.

@@ -546,6 +546,7 @@ impl Shard {
                     backend_to_client,
                     gated: flow.gated(kernel),
                     gate_closures: flow.gate_closures(kernel),
+                    program_version: flow.program_version(kernel),
                 }
             })
             .collect()

@@ -16,18 +16,23 @@
 //! ```text
 //!  new                                    old
 //!  Hello {compat}            ──▶          refuses an incompatible state format, map layout
-//!                            ◀──          Offer {compat, pid} | Refuse {reason}
+//!                            ◀──          Offer {compat, pid, program_version, maps}
+//!                                         | Refuse {reason}
+//!                            ◀──          Maps            fds: SOCKS, SOCK_DIR, DIRS, EVENTS
+//!                                                         (when it has the kernel path)
+//!  loads its own verdict program on the maps (not attached yet; see Program below): the
+//!  verifier's time is spent while the old daemon still serves
+//!  Ready                     ──▶
 //!                                         pauses accepting (listeners stay open, the backlog
 //!                                         waits), waits until no connection is between
 //!                                         accept and hand-off, freezes the splice engine
-//!                            ◀──          Maps            fds: SOCKS, SOCK_DIR, DIRS, EVENTS
 //!                            ◀──          Listeners       fds: API, each ingress listener
 //!                            ◀──          Flows ×N        ≤ 126 flows (2 fds each) + state
 //!                            ◀──          End {flows, fds}
 //!  checks the counts; Ack    ──▶          (a count mismatch or Refuse: old resumes)
-//!  re-uses the maps (the program the old daemon attached stays attached: the sockhash
-//!  holds it), adopts the flows into its shards (FIN/RST watching starts), loads the
-//!  records from the data dir onto the inherited listeners, serves the API
+//!  attaches its own verdict program to the maps (instant), adopts the flows into
+//!  its shards (FIN/RST watching starts), loads the records from the data dir onto the
+//!  inherited listeners, serves the API
 //!  Exit                      ──▶          forgets its flows without touching sockets or maps;
 //!                                         exits at once (no destructor runs), or stays for its terminated flows
 //! ```
@@ -49,12 +54,38 @@
 //! accepts nothing and answers no API request, and exits when the last one ends or when the
 //! drain deadline (`takeover_drain_ms`) passes, without any cleanup.
 //!
+//! # Program
+//! The new daemon runs its own verdict program for the flows it splices, and the flows it
+//! adopted keep the program they were spliced with: a socket's psock copies the sockhash's
+//! programs when the socket is inserted (kernel 4.20+, `sock_map_link`), so attaching a
+//! program to `SOCKS` changes it only for sockets inserted afterwards, and the old program
+//! stays loaded for as long as a psock holds it. aya 0.14 cannot load an object onto map
+//! descriptors, so the new daemon pins the four received maps into a private directory
+//! (mode 0700) on a bpffs, loads its object with `map_pin_path` (which opens the pins instead
+//! of creating maps), checks that every map of the loaded object has the kernel id of the map
+//! it received (a pin that did not lead to it would have made a fresh, empty map), loads the
+//! program (the verifier: ~0.1 s here, ~15 s in an emulated guest, so before the old daemon
+//! freezes anything) and removes the pins and the directory on every path. After `Ack` it
+//! attaches the verdict to `SOCKS`, replacing the old attachment for future inserts (the map
+//! is never without a program). Every run of the
+//! program writes its version ([`ingress_common::PROGRAM_VERSION`], or the test hook
+//! `INGRESSD_TEST_PROGRAM_VERSION`) into the direction it judges, so `/flows` shows which
+//! program serves each flow.
+//!
+//! If any step fails (no bpffs, no permission to pin, the verifier), the new daemon logs why
+//! and keeps the old daemon's program attached for new flows too (the behaviour before this
+//! existed); `/readyz` and the metrics say which program serves new flows, with the version
+//! the old daemon sent in its `Offer`. If a hand-off fails after the new daemon attached its
+//! program, the old daemon attaches its own again when it resumes (an old daemon that runs a
+//! program it inherited has none to restore: new flows then run the failed successor's
+//! program until the next upgrade).
+//!
 //! # Compatibility
 //! [`Compat`] carries [`STATE_FORMAT_VERSION`] (this module's message and flow-state format),
-//! [`ingress_common::MAP_LAYOUT_VERSION`] and the identity of the verdict program; both sides
-//! refuse a hand-off between different state formats or map layouts, with a message naming
-//! both versions. A different program is fine: flows keep the program the old daemon
-//! attached.
+//! [`ingress_common::MAP_LAYOUT_VERSION`] and the identity of the verdict program (a hash of
+//! the object and the version it is loaded with); both sides refuse a hand-off between
+//! different state formats or map layouts, with a message naming both versions. A different
+//! program is fine (see Program).
 //!
 //! # Layout
 //! - `wire`: message encoding over the seqpacket socket.
@@ -76,7 +107,7 @@ pub use old::{Handover, OldSide, serve};
 pub const SOCKET_FILE: &str = "takeover.sock";
 
 /// Version of the messages and flow state below; bump it whenever either changes.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 /// Environment variable of a test-only hook in the new daemon: `exit-after-ack:<ms>` makes it
 /// wait `<ms>` milliseconds after acknowledging the descriptors, then exit without adopting
@@ -141,8 +172,16 @@ struct FlowEntry {
 enum Message {
     /// New → old: who is asking.
     Hello { compat: Compat },
-    /// Old → new: the hand-off starts.
-    Offer { compat: Compat, pid: u32 },
+    /// Old → new: the hand-off starts. `program_version`: the version of the program serving
+    /// the old daemon's new flows (0: none); `maps`: whether `Maps` follows at once.
+    Offer {
+        compat: Compat,
+        pid: u32,
+        program_version: u32,
+        maps: bool,
+    },
+    /// New → old: this daemon's program is loaded on the maps (or could not be); go on.
+    Ready,
     /// Either way: the hand-off is off.
     Refuse { reason: String },
     /// Old → new: the kernel path's maps are attached (four descriptors).

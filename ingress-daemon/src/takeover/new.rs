@@ -11,7 +11,7 @@ use tracing::info;
 use super::{Compat, Message, SOCKET_FILE, TEST_HOOK_ENV, TakeoverError, wire};
 use crate::{
     listeners::BoundListener,
-    splice::{ExportedFlow, MapFds},
+    splice::{ExportedFlow, LoadError, MapFds, PreparedProgram},
     sys,
 };
 
@@ -23,7 +23,8 @@ pub struct Inherited {
     conn: OwnedFd,
     /// The old daemon's PID.
     pub old_pid: u32,
-    /// When the hand-off started (the old daemon's offer).
+    /// When the hand-off proper started: once this daemon was ready (after the maps came and
+    /// its program was loaded on them), before the old daemon paused.
     pub started: Instant,
     /// The API's listening socket (taken by the caller).
     pub api: Option<std::net::TcpListener>,
@@ -31,6 +32,10 @@ pub struct Inherited {
     pub listeners: Vec<BoundListener>,
     /// The kernel path's maps, when the old daemon had it.
     pub maps: Option<MapFds>,
+    /// Version of the program serving the old daemon's new flows (0: none).
+    pub program_version: u32,
+    /// This daemon's program, loaded on the maps (taken by the caller).
+    pub program: Option<Result<PreparedProgram, LoadError>>,
     /// Every spliced flow, with the ingress it counts for.
     pub flows: Vec<(ExportedFlow, Option<String>)>,
 }
@@ -85,8 +90,16 @@ pub fn receive(data_dir: &Path) -> Result<Inherited, TakeoverError> {
         &[],
     )?;
     let closed = || TakeoverError::Protocol("the running daemon closed the connection".to_owned());
-    let old_pid = match wire::recv(&conn)?.ok_or_else(closed)?.message {
-        Message::Offer { compat, pid } => {
+    let (old_pid, program_version, maps_follow) = match wire::recv(&conn)?
+        .ok_or_else(closed)?
+        .message
+    {
+        Message::Offer {
+            compat,
+            pid,
+            program_version,
+            maps,
+        } => {
             if let Some(reason) = mine.incompatibility(&compat) {
                 let _ = refuse(&conn, reason.clone());
                 return Err(TakeoverError::Incompatible(reason));
@@ -95,37 +108,56 @@ pub fn receive(data_dir: &Path) -> Result<Inherited, TakeoverError> {
                 info!(
                     running = %compat.program,
                     embedded = %mine.program,
-                    "live and new flows keep the running daemon's verdict program"
+                    "live flows keep the running daemon's verdict program, new flows get this one"
                 );
             }
-            pid
+            (pid, program_version, maps)
         }
         Message::Refuse { reason } => return Err(TakeoverError::Refused(reason)),
         other => return Err(refuse(&conn, format!("expected an offer, got {other:?}"))),
     };
-    let started = Instant::now();
     let mut api = None;
     let mut listeners = Vec::new();
     let mut maps = None;
+    let mut program = None;
     let mut adopted = Vec::new();
     let mut fds_received = 0u64;
+    if maps_follow {
+        let received = wire::recv(&conn)?.ok_or_else(closed)?;
+        fds_received += received.fds.len() as u64;
+        match received.message {
+            Message::Maps => {
+                let [socks, sock_dir, dirs, events] = <[OwnedFd; 4]>::try_from(received.fds)
+                    .map_err(|fds| {
+                        refuse(&conn, format!("maps came with {} descriptors", fds.len()))
+                    })?;
+                let received = MapFds {
+                    socks,
+                    sock_dir,
+                    dirs,
+                    events,
+                };
+                let loading = Instant::now();
+                let prepared = PreparedProgram::load(&received);
+                info!(
+                    loaded = prepared.is_ok(),
+                    took_ms = loading.elapsed().as_secs_f64() * 1e3,
+                    "own verdict program loaded on the handed-over maps"
+                );
+                program = Some(prepared);
+                maps = Some(received);
+            }
+            Message::Refuse { reason } => return Err(TakeoverError::Refused(reason)),
+            other => return Err(refuse(&conn, format!("expected maps, got {other:?}"))),
+        }
+    }
+    wire::send(conn.as_fd(), &Message::Ready, &[], &[])?;
+    let started = Instant::now();
     loop {
         let received = wire::recv(&conn)?.ok_or_else(closed)?;
         fds_received += received.fds.len() as u64;
         let conn = &conn;
         match received.message {
-            Message::Maps => {
-                let [socks, sock_dir, dirs, events] = <[OwnedFd; 4]>::try_from(received.fds)
-                    .map_err(|fds| {
-                        refuse(conn, format!("maps came with {} descriptors", fds.len()))
-                    })?;
-                maps = Some(MapFds {
-                    socks,
-                    sock_dir,
-                    dirs,
-                    events,
-                });
-            }
             Message::Listeners { ingresses, .. } => {
                 if received.fds.len() != ingresses.len() + 1 {
                     return Err(refuse(conn, "listener descriptors missing".to_owned()));
@@ -201,6 +233,8 @@ pub fn receive(data_dir: &Path) -> Result<Inherited, TakeoverError> {
         api: Some(api),
         listeners,
         maps,
+        program_version,
+        program,
         flows: adopted,
     };
     info!(

@@ -109,19 +109,56 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
         wire::send_refuse(conn.as_fd(), &reason)?;
         return Err(TakeoverError::Incompatible(reason));
     }
-    let started = Instant::now();
     info!(new_version = %compat.version, new_program = %compat.program, "takeover started");
+    let dp = &side.data_plane;
+    let engine = dp.engine();
+    let maps = match engine.export_maps() {
+        Ok(maps) => maps,
+        Err(e) => {
+            let _ = wire::send_refuse(conn.as_fd(), &e.to_string());
+            return Err(e.into());
+        }
+    };
     wire::send(
         conn.as_fd(),
         &Message::Offer {
             compat: mine,
             pid: std::process::id(),
+            program_version: engine.serving_program().map_or(0, |p| p.version),
+            maps: maps.is_some(),
         },
         &[],
         &[],
     )?;
-    let dp = &side.data_plane;
-    let engine = dp.engine();
+    // The maps go first, and the new daemon loads its program on them while this one still
+    // serves: nothing is paused until it is ready.
+    let mut fds_sent = 0u64;
+    if let Some(maps) = &maps {
+        let fds = [
+            maps.socks.as_fd(),
+            maps.sock_dir.as_fd(),
+            maps.dirs.as_fd(),
+            maps.events.as_fd(),
+        ];
+        wire::send(conn.as_fd(), &Message::Maps, &[], &fds)?;
+        fds_sent += fds.len() as u64;
+    }
+    match wire::recv(conn)?.map(|r| r.message) {
+        Some(Message::Ready) => {}
+        Some(Message::Refuse { reason }) => return Err(TakeoverError::Refused(reason)),
+        Some(other) => {
+            return Err(TakeoverError::Protocol(format!(
+                "expected ready, got {other:?}"
+            )));
+        }
+        None => {
+            return Err(TakeoverError::Protocol(
+                "the new daemon closed the connection".to_owned(),
+            ));
+        }
+    }
+    // The hand-off proper (what `took_ms` measures) starts here.
+    let started = Instant::now();
     if let Err(e) = side.runtime.block_on(dp.pause_accepting(PAUSE_TIMEOUT)) {
         dp.resume_accepting();
         let reason = e.to_string();
@@ -141,7 +178,7 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
         flows = frozen.flows.len(),
         "accepting paused and flows frozen"
     );
-    let handed = send_all(side, conn, &frozen).and_then(|sent| await_exit(conn, sent));
+    let handed = send_all(side, conn, &frozen, fds_sent).and_then(|sent| await_exit(conn, sent));
     match handed {
         Ok(()) => {}
         Err(e) => {
@@ -175,24 +212,15 @@ fn hand_off(side: &OldSide, conn: &OwnedFd) -> Result<(), TakeoverError> {
     std::process::exit(0);
 }
 
-/// Sends maps, listeners and flows; returns `(flows, descriptors)` sent.
+/// Sends listeners and flows; returns `(flows, descriptors)` sent, counting the `fds_sent`
+/// before (the maps).
 fn send_all(
     side: &OldSide,
     conn: &OwnedFd,
     frozen: &crate::splice::Frozen,
+    mut fds_sent: u64,
 ) -> Result<(u64, u64), TakeoverError> {
     let sock = conn.as_fd();
-    let mut fds_sent = 0u64;
-    if let Some(maps) = &frozen.maps {
-        let fds = [
-            maps.socks.as_fd(),
-            maps.sock_dir.as_fd(),
-            maps.dirs.as_fd(),
-            maps.events.as_fd(),
-        ];
-        wire::send(sock, &Message::Maps, &[], &fds)?;
-        fds_sent += fds.len() as u64;
-    }
     let listeners = side.control.export_listeners()?;
     let mut fds: Vec<BorrowedFd<'_>> = vec![side.api.as_fd()];
     fds.extend(listeners.iter().map(|(_, fd)| fd.as_fd()));

@@ -3,7 +3,7 @@
 //! carry no `openssl` or `curl`). Passthrough to a rustls echo server, and terminate to a plain
 //! echo server with the certificate held by the daemon; every byte checked, and the passthrough
 //! bytes counted on the kernel path. The takeover sequence (a successor taking spliced flows
-//! over, and one dying halfway) runs here too. `ktls`: terminated flows on kernel TLS.
+//! over, one by a build with a different verdict program, and one dying halfway) runs here too. `ktls`: terminated flows on kernel TLS.
 
 mod ktls;
 
@@ -125,6 +125,16 @@ fn passthrough_and_terminate_through_the_daemon_with_rust_peers() {
 fn takeover_hands_spliced_flows_and_new_connections_to_a_successor() {
     // Fewer flows than on the host: the guest's CPU is emulated.
     crate::takeover::upgrade_under_load(200, 200);
+}
+
+#[test]
+fn takeover_by_a_new_program_serves_only_new_flows_with_it() {
+    crate::takeover::upgrade_to_a_new_program(false);
+}
+
+#[test]
+fn takeover_without_a_bpffs_keeps_the_old_program_for_new_flows() {
+    crate::takeover::upgrade_to_a_new_program(true);
 }
 
 #[test]

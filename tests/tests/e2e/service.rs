@@ -392,7 +392,8 @@ fn upgrade_command_hands_the_daemon_over_and_the_service_manager_follows_it() {
     }
     assert!(!process_alive(old_pid), "the old daemon exited");
     round_trip(&mut flow, b"still spliced after the upgrade");
-    api.healthz().unwrap().assert_status(200);
+    // A new client: the old one's keep-alive connection was to the daemon that just exited.
+    daemon.api().unwrap().healthz().unwrap().assert_status(200);
     assert!(
         std::fs::read_dir(daemon.data_dir()).unwrap().all(|e| !e
             .unwrap()
