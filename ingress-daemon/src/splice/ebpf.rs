@@ -687,18 +687,23 @@ fn attach_verdict(object: &mut Ebpf) -> Result<(), LoadError> {
             });
         }
     };
-    let program: &mut SkSkb = object
-        .program_mut(VERDICT_PROGRAM)
-        .ok_or(LoadError::Missing {
-            what: "program",
-            name: VERDICT_PROGRAM,
-        })?
-        .try_into()?;
+    let program = verdict_program(object)?;
     if program.fd().is_err() {
         program.load()?;
     }
     program.attach(&socks_map_fd)?;
     Ok(())
+}
+
+/// The object's stream verdict program.
+fn verdict_program(object: &mut Ebpf) -> Result<&mut SkSkb, LoadError> {
+    Ok(object
+        .program_mut(VERDICT_PROGRAM)
+        .ok_or(LoadError::Missing {
+            what: "program",
+            name: VERDICT_PROGRAM,
+        })?
+        .try_into()?)
 }
 
 /// This daemon's program, loaded (and verified) on another daemon's maps, not attached yet.
@@ -743,13 +748,7 @@ fn load_on_maps(maps: &MapFds) -> Result<(Ebpf, u64), LoadError> {
         }
     }
     drop(pinned);
-    let program: &mut SkSkb = object
-        .program_mut(VERDICT_PROGRAM)
-        .ok_or(LoadError::Missing {
-            what: "program",
-            name: VERDICT_PROGRAM,
-        })?
-        .try_into()?;
+    let program = verdict_program(&mut object)?;
     program.load()?;
     Ok((object, offset))
 }
