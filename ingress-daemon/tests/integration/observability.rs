@@ -674,6 +674,16 @@ fn the_exposition_passes_promtool_and_speaks_openmetrics_when_asked() {
     );
 }
 
+/// Asserts an access-log line's path and end.
+#[track_caller]
+fn assert_path_end(line: &Value, path: &str, end: &str) {
+    assert_eq!(
+        (&line["path"], &line["end"]),
+        (&json!(path), &json!(end)),
+        "{line}"
+    );
+}
+
 /// A backend that reads until the client's FIN, waits `delay`, sends `reply` bytes and closes;
 /// returns its port and the bytes it read.
 fn late_reply_backend(delay: Duration, reply: usize) -> (u16, mpsc::Receiver<Vec<u8>>) {
@@ -759,11 +769,7 @@ fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase
     let (bulk, bulk_bytes) = echo_flow(port, "pass.obs.test", 8 << 20);
     finish(bulk);
     let line = last_line(2);
-    assert_eq!(
-        (&line["path"], &line["end"]),
-        (&json!("sockmap"), &json!("closed")),
-        "{line}"
-    );
+    assert_path_end(&line, "sockmap", "closed");
     assert_eq!(line["client_to_backend_bytes"], json!(bulk_bytes), "{line}");
     assert_eq!(line["backend_to_client_bytes"], json!(bulk_bytes), "{line}");
     let relayed = line["relayed_bytes"].as_u64().unwrap();
@@ -803,11 +809,7 @@ fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase
     assert_eq!(back, more);
     finish(quiet);
     let line = last_line(3);
-    assert_eq!(
-        (&line["path"], &line["end"]),
-        (&json!("sockmap"), &json!("closed")),
-        "{line}"
-    );
+    assert_path_end(&line, "sockmap", "closed");
     assert_eq!(line["relayed_bytes"], json!(2 * quiet_bytes), "{line}");
     assert_eq!(
         line["client_to_backend_bytes"],
@@ -819,11 +821,7 @@ fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase
     let (c, _) = echo_flow(port, "pass.obs.test", 10);
     reset(c);
     let line = last_line(4);
-    assert_eq!(
-        (&line["path"], &line["end"]),
-        (&json!("userspace"), &json!("client_reset")),
-        "{line}"
-    );
+    assert_path_end(&line, "userspace", "client_reset");
 
     // A client that half-closes in the first phase, with a backend that answers only after
     // the phase is over: the kernel takes no half-closed socket into its sockhash, so the
