@@ -69,6 +69,16 @@ pub fn lower_ascii<'b>(host: &str, buf: &'b mut [u8; MAX_HOST_BYTES]) -> Option<
     std::str::from_utf8(dst).ok()
 }
 
+/// Splits a hostname into `slots` by its dots; `None` if it has more labels than slots.
+pub fn split_labels<'h, 's>(host: &'h str, slots: &'s mut [&'h str]) -> Option<&'s [&'h str]> {
+    let mut n = 0;
+    for label in host.split('.') {
+        *slots.get_mut(n)? = label;
+        n += 1;
+    }
+    slots.get(..n)
+}
+
 fn is_capture_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some('a'..='z'))
@@ -170,18 +180,21 @@ impl SniPattern {
 
     /// Whether the lower-cased `host` matches.
     pub fn matches(&self, host: &str) -> bool {
-        let mut labels = self.labels.iter();
-        for part in host.split('.') {
-            let ok = match labels.next() {
-                Some(Label::Literal(l)) => **l == *part,
-                Some(Label::Capture(_)) => is_dns_label(part),
-                None => false,
-            };
-            if !ok {
-                return false;
-            }
-        }
-        labels.next().is_none()
+        let mut labels = [""; MAX_HOST_BYTES.div_ceil(2)];
+        split_labels(host, &mut labels).is_some_and(|l| self.matches_labels(l))
+    }
+
+    /// Whether a lower-cased hostname, already split into its labels, matches.
+    ///
+    /// Reads the pattern's text rather than its label list: one allocation to fetch instead of
+    /// one per literal label, which is what a lookup in a large table waits for.
+    pub fn matches_labels(&self, host_labels: &[&str]) -> bool {
+        let mut parts = self.source.split('.');
+        host_labels.iter().all(|host| match parts.next() {
+            Some(part) if part.starts_with('{') => is_dns_label(host),
+            Some(part) => part == *host,
+            None => false,
+        }) && parts.next().is_none()
     }
 
     /// Whether some hostname matches both patterns.
@@ -287,11 +300,26 @@ impl Template {
 
     /// Fills the captures from a hostname that matched the pattern.
     pub fn render(&self, host: &str) -> String {
-        let mut out = String::with_capacity(self.source.len() + 16);
+        let mut labels = [""; MAX_HOST_BYTES.div_ceil(2)];
+        self.render_labels(split_labels(host, &mut labels).unwrap_or_default())
+    }
+
+    /// Fills the captures from the labels of a hostname that matched the pattern.
+    pub fn render_labels(&self, host_labels: &[&str]) -> String {
+        let label = |i: usize| host_labels.get(i).copied().unwrap_or_default();
+        let len = self
+            .parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(l) => l.len(),
+                Part::Label(i) => label(*i).len(),
+            })
+            .sum();
+        let mut out = String::with_capacity(len);
         for part in &*self.parts {
             match part {
                 Part::Literal(l) => out.push_str(l),
-                Part::Label(i) => out.push_str(host.split('.').nth(*i).unwrap_or_default()),
+                Part::Label(i) => out.push_str(label(*i)),
             }
         }
         out

@@ -5,24 +5,33 @@
 //! hash of the literal labels finds the candidates, which are then checked label by label, so a
 //! lookup costs one hash probe per shape instead of a scan over every rule. The hostname is
 //! lower-cased into a stack buffer, so exact matches and misses never allocate (a pattern match
-//! allocates only the rendered instance name). Tables are immutable; a change builds a new one and
-//! swaps it into the listener's [`SharedRoutes`] (`ArcSwap`), which readers `load()` lock-free.
+//! allocates only the rendered instance name). The hostname is split into labels once per
+//! lookup, into a small stack array for the usual few labels. Hashes are foldhash with a fixed
+//! seed: only operators insert keys, and a client's probe cannot make two inserted keys
+//! collide. Tables are immutable; a change builds a new one and swaps it into the listener's
+//! [`SharedRoutes`] (`ArcSwap`), which readers `load()` lock-free.
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::hash::Hasher as _;
+use std::hash::{BuildHasher as _, Hasher as _};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use crate::error::ApiError;
 use crate::model::{Mode, Protocol, ProxyProtocol, TcpIngress};
-use crate::pattern::{Label, MAX_HOST_BYTES, SniPattern, Template, lower_ascii};
+use crate::pattern::{Label, MAX_HOST_BYTES, SniPattern, Template, lower_ascii, split_labels};
+
+/// The tables' hasher: fast, seeded with a constant (see the module's design note).
+type FixedHash = foldhash::fast::FixedState;
 
 /// A listener's current routing table, swapped atomically on every change.
 pub type SharedRoutes = Arc<ArcSwap<RouteTable>>;
 
 /// Most labels a hostname of [`MAX_HOST_BYTES`] can have.
 const MAX_LABELS: usize = MAX_HOST_BYTES.div_ceil(2);
+
+/// Labels a hostname usually has at most: such names are split into a smaller stack array.
+const FEW_LABELS: usize = 8;
 
 /// How a route was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,14 +107,28 @@ struct DefaultEntry {
 #[derive(Debug)]
 struct Shape {
     literal_positions: Box<[u8]>,
-    by_literals: HashMap<u64, Vec<u32>>,
+    by_literals: HashMap<u64, Candidates, FixedHash>,
+}
+
+/// The entries whose literal labels hash alike: almost always one, held inline so a lookup
+/// reads no further allocation to find it.
+#[derive(Debug)]
+struct Candidates {
+    first: u32,
+    rest: Vec<u32>,
+}
+
+impl Candidates {
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::once(self.first).chain(self.rest.iter().copied())
+    }
 }
 
 /// An immutable routing table for one listener.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     entries: Vec<Entry>,
-    exact: HashMap<Box<str>, u32>,
+    exact: HashMap<Box<str>, u32, FixedHash>,
     /// Indexed by label count; shapes ordered by literal labels, most first.
     shapes_by_len: Vec<Vec<Shape>>,
     default: Option<DefaultEntry>,
@@ -113,8 +136,7 @@ pub struct RouteTable {
 }
 
 fn literal_hash<'s>(labels: impl Iterator<Item = &'s str>) -> u64 {
-    // Fixed keys are fine: only operators insert keys, clients only probe.
-    let mut h = std::hash::DefaultHasher::new();
+    let mut h = FixedHash::default().build_hasher();
     for l in labels {
         h.write(l.as_bytes());
         h.write_u8(0xff);
@@ -194,13 +216,21 @@ impl RouteTable {
             None => {
                 shapes.push(Shape {
                     literal_positions: positions,
-                    by_literals: HashMap::new(),
+                    by_literals: HashMap::default(),
                 });
                 let last = shapes.len() - 1;
                 &mut shapes[last]
             }
         };
-        shape.by_literals.entry(key).or_default().push(idx);
+        match shape.by_literals.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut c) => c.get_mut().rest.push(idx),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Candidates {
+                    first: idx,
+                    rest: Vec::new(),
+                });
+            }
+        }
     }
 
     /// How long a flow of this ingress may stay idle; `None`: no limit.
@@ -240,10 +270,16 @@ impl RouteTable {
                 .get(host)
                 .and_then(|i| self.entries.get(*i as usize))
             {
-                return Some(self.route(e, RouteSource::Exact, host));
+                return Some(self.route(e, RouteSource::Exact, &[]));
             }
-            if let Some(e) = self.match_pattern(host) {
-                return Some(self.route(e, RouteSource::Pattern, host));
+            let label_count = host.bytes().filter(|b| *b == b'.').count() + 1;
+            let route = if label_count <= FEW_LABELS {
+                self.match_pattern::<FEW_LABELS>(host, label_count)
+            } else {
+                self.match_pattern::<MAX_LABELS>(host, label_count)
+            };
+            if route.is_some() {
+                return route;
             }
         }
         self.default.as_ref().map(|d| Route {
@@ -261,19 +297,14 @@ impl RouteTable {
         })
     }
 
-    fn match_pattern(&self, host: &str) -> Option<&Entry> {
-        let label_count = host.bytes().filter(|b| *b == b'.').count() + 1;
+    /// The route of the first pattern `host` (of `label_count` labels, at most `N`) matches.
+    fn match_pattern<const N: usize>(&self, host: &str, label_count: usize) -> Option<Route<'_>> {
         let shapes = self.shapes_by_len.get(label_count)?;
         if shapes.is_empty() {
             return None;
         }
-        let mut labels = [""; MAX_LABELS];
-        let mut n = 0;
-        for (slot, l) in labels.iter_mut().zip(host.split('.')) {
-            *slot = l;
-            n += 1;
-        }
-        let labels = labels.get(..n)?;
+        let mut slots = [""; N];
+        let labels = split_labels(host, &mut slots)?;
         for shape in shapes {
             let key = literal_hash(
                 shape
@@ -284,21 +315,23 @@ impl RouteTable {
             let Some(candidates) = shape.by_literals.get(&key) else {
                 continue;
             };
-            for idx in candidates {
-                if let Some(e) = self.entries.get(*idx as usize)
-                    && e.pattern.matches(host)
+            for idx in candidates.iter() {
+                if let Some(e) = self.entries.get(idx as usize)
+                    && e.pattern.matches_labels(labels)
                 {
-                    return Some(e);
+                    return Some(self.route(e, RouteSource::Pattern, labels));
                 }
             }
         }
         None
     }
 
-    fn route<'a>(&'a self, e: &'a Entry, source: RouteSource, host: &str) -> Route<'a> {
+    /// The route of entry `e`, its captures taken from the hostname's `labels` (exact entries
+    /// have none).
+    fn route<'a>(&'a self, e: &'a Entry, source: RouteSource, labels: &[&str]) -> Route<'a> {
         let instance = match &e.instance_name {
             Some(name) => Cow::Borrowed(&**name),
-            None => Cow::Owned(e.template.render(host)),
+            None => Cow::Owned(e.template.render_labels(labels)),
         };
         Route {
             source,
@@ -431,6 +464,33 @@ mod tests {
             t.lookup(Some(&"a.".repeat(200))).unwrap().source,
             RouteSource::Default
         );
+    }
+
+    #[test]
+    fn long_names_split_past_the_small_label_array() {
+        let labels: Vec<String> = (0..FEW_LABELS + 3).map(|i| format!("l{i}")).collect();
+        let pattern = format!("{{id}}.{}.{{tail}}", labels.join("."));
+        let host = |first: &str, last: &str| format!("{first}.{}.{last}", labels.join("."));
+        let t = RouteTable::build(&ingress(
+            serde_json::json!([rule(&pattern, "{id}-{tail}", 7)]),
+            None,
+        ))
+        .unwrap();
+        let r = t.lookup(Some(&host("Db1", "z9"))).unwrap();
+        assert_eq!(
+            (r.source, r.instance.as_ref(), r.port),
+            (RouteSource::Pattern, "db1-z9", 7)
+        );
+        // One literal label off, one label short, one label too many: no route.
+        assert!(
+            t.lookup(Some(&host("db1", "z9").replace("l3.", "l4.")))
+                .is_none()
+        );
+        assert!(
+            t.lookup(Some(&host("db1", "z9").replace("l3.", "")))
+                .is_none()
+        );
+        assert!(t.lookup(Some(&host("db1", "z9.x"))).is_none());
     }
 
     #[test]
