@@ -3,22 +3,26 @@
 //! offers it (see [`super::ktls`]), else through a userspace relay.
 //!
 //! Terminated flows never enter the sockhash: kTLS and sockmap exclude each other on patched
-//! kernels. The userspace relay copies each direction through one bounded buffer; end of
-//! stream becomes a `close_notify` + FIN toward the client or a FIN toward the backend, and a
-//! reset or error on one side resets the other (`SO_LINGER {1, 0}`).
+//! kernels. The userspace relay reads each direction into the worker thread's scratch buffer
+//! and writes it on at once; a flow holds a buffer of its own only for bytes its destination
+//! did not take yet, so an idle flow holds none. End of stream becomes a `close_notify` + FIN
+//! toward the client or a FIN toward the backend, and a reset or error on one side resets the
+//! other (`SO_LINGER {1, 0}`).
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
+    pin::Pin,
     sync::Arc,
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
 use rustls::{ServerConfig, crypto::CryptoProvider};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::TcpStream,
     sync::OwnedSemaphorePermit,
 };
@@ -38,8 +42,13 @@ use crate::{
     sys,
 };
 
-/// Relay buffer per direction.
+/// Most bytes one read of the relay takes (one TLS record's plaintext).
 const RELAY_BUFFER_BYTES: usize = 16 << 10;
+
+thread_local! {
+    /// Where the relay's reads land before they are written on.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Server configurations, one per distinct ALPN list, all sharing the certificate resolver.
 ///
@@ -372,31 +381,103 @@ enum Side {
 }
 
 /// Copies `from` to `to` until end of stream, then shuts `to` down (a FIN, or `close_notify` +
-/// FIN for TLS), passing each chunk's size to `count`. On error, says which side failed.
+/// FIN for TLS), passing the size of each write to `count`. On error, says which side failed.
+///
+/// Reads land in the thread's scratch buffer and are written on in the same poll; what `to`
+/// does not take is copied to a buffer of the flow's own, freed once written. `to` is flushed
+/// whenever `from` has nothing to read, so bytes a TLS writer holds back (its socket was full)
+/// go out once the socket drains, not only with the next read.
 async fn copy<R, W>(from: &mut R, to: &mut W, count: impl Fn(u64)) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUFFER_BYTES];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            // A TLS peer that closes without `close_notify`: its stream ended all the same.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(_) => return Err(Side::Read),
-        };
-        if to
-            .write_all(buf.get(..n).unwrap_or_default())
-            .await
-            .is_err()
-        {
-            return Err(Side::Write);
+    let mut held = Vec::new();
+    let mut at = 0;
+    let mut unflushed = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            while at < held.len() {
+                match Pin::new(&mut *to).poll_write(cx, held.get(at..).unwrap_or_default()) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        at += n;
+                        unflushed = true;
+                        count(n as u64);
+                    }
+                    Poll::Ready(_) => return Poll::Ready(Err(Side::Write)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !held.is_empty() {
+                (held, at) = (Vec::new(), 0);
+            }
+            let step = SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < RELAY_BUFFER_BYTES {
+                    scratch.resize(RELAY_BUFFER_BYTES, 0);
+                }
+                let mut buf =
+                    ReadBuf::new(scratch.get_mut(..RELAY_BUFFER_BYTES).unwrap_or_default());
+                match Pin::new(&mut *from).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => return Step::End,
+                    Poll::Ready(Ok(())) => {}
+                    // A TLS peer that closes without `close_notify`: its stream ended all the
+                    // same.
+                    Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Step::End;
+                    }
+                    Poll::Ready(Err(_)) => return Step::Failed(Side::Read),
+                    Poll::Pending => return Step::Idle,
+                }
+                let read = buf.filled();
+                let mut written = 0;
+                while written < read.len() {
+                    match Pin::new(&mut *to).poll_write(cx, read.get(written..).unwrap_or_default())
+                    {
+                        Poll::Ready(Ok(n)) if n > 0 => written += n,
+                        Poll::Ready(_) => return Step::Failed(Side::Write),
+                        Poll::Pending => break,
+                    }
+                }
+                if written > 0 {
+                    unflushed = true;
+                    count(written as u64);
+                }
+                if let Some(rest) = read.get(written..).filter(|r| !r.is_empty()) {
+                    held = rest.to_vec();
+                }
+                Step::Moved
+            });
+            match step {
+                Step::Moved => continue,
+                Step::End => return Poll::Ready(Ok(())),
+                Step::Failed(side) => return Poll::Ready(Err(side)),
+                Step::Idle => {
+                    if unflushed {
+                        match Pin::new(&mut *to).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => unflushed = false,
+                            Poll::Ready(Err(_)) => return Poll::Ready(Err(Side::Write)),
+                            Poll::Pending => {}
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
         }
-        count(n as u64);
-    }
+    })
+    .await?;
     to.shutdown().await.map_err(|_| Side::Write)
+}
+
+/// What one read of [`copy`] came to.
+enum Step {
+    /// Bytes were read (and written on, or held).
+    Moved,
+    /// Nothing to read now.
+    Idle,
+    /// End of stream.
+    End,
+    /// An error on this side.
+    Failed(Side),
 }
 
 /// When a relayed flow last moved bytes.

@@ -126,6 +126,75 @@ fn terminate_rule_serves_a_plaintext_backend_to_curl() {
     assert_eq!(page, "hello from the plaintext backend");
 }
 
+/// A reply larger than every buffer on its way, to a client that reads it only after a pause,
+/// while the backend keeps the connection open and sends nothing more: the relay holds what the
+/// client's socket cannot take, and the last bytes arrive without waiting for more input.
+#[test]
+fn terminated_flow_delivers_a_large_reply_to_a_late_reader_while_the_backend_waits() {
+    use std::io::{Read as _, Write as _};
+    const REPLY: usize = 8 << 20;
+    let Some(daemon) = kernel_daemon(&[]) else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let work = WorkDir::new("ingt-late-reader-").unwrap();
+    let pki = Pki::new().unwrap();
+    let ca = pki.write_ca(work.path()).unwrap();
+    certificate(&api, &pki, "late", &["late.example.test"]);
+    let ip = next_loopback();
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let reply: Vec<u8> = (0..REPLY).map(|i| (i % 251) as u8).collect();
+    let sent = reply.clone();
+    let backend = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.write_all(&sent).unwrap();
+        // Hold the connection open, silent, until the client hangs up.
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    });
+    instance(&api, "late", ip);
+    let ingress = create_ingress(
+        &api,
+        "late",
+        serde_json::json!([rule("late.example.test", "late", port, "terminate")]),
+        None,
+    );
+    let mut client = Command::new(tools::find("openssl").unwrap())
+        .args(["s_client", "-quiet", "-verify_return_error", "-connect"])
+        .arg(ingress.addr().to_string())
+        .args(["-servername", "late.example.test", "-CAfile"])
+        .arg(&ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = client.stdout.take().unwrap();
+    // Every buffer from the backend to this pipe fills up before anything is read.
+    std::thread::sleep(Duration::from_secs(1));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = vec![0u8; REPLY];
+        let mut n = 0;
+        while n < REPLY {
+            match out.read(&mut got[n..]) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+        }
+        got.truncate(n);
+        let _ = tx.send(got);
+    });
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    let _ = client.kill();
+    let _ = client.wait();
+    let got = got.expect("the reply did not arrive whole within 20 s");
+    assert_eq!(got.len(), REPLY, "reply cut short");
+    assert!(got == reply, "reply corrupted");
+    backend.join().unwrap();
+}
+
 /// An `openssl s_client` that completes its handshake and then sends nothing; returns how long
 /// it lived (it exits when the connection is closed), or `None` if it outlived `limit`.
 fn silent_client_lifetime(
