@@ -383,22 +383,24 @@ enum Side {
 /// Copies `from` to `to` until end of stream, then shuts `to` down (a FIN, or `close_notify` +
 /// FIN for TLS), passing the size of each write to `count`. On error, says which side failed.
 ///
-/// Reads land in the thread's scratch buffer and are written on in the same poll; what `to`
-/// does not take is copied to a buffer of the flow's own, freed once written. `to` is flushed
-/// whenever `from` has nothing to read, so bytes a TLS writer holds back (its socket was full)
-/// go out once the socket drains, not only with the next read.
+/// A quiet flow reads into the thread's scratch buffer and writes on in the same poll, so it
+/// holds no buffer of its own. Once `to` does not take everything (the flow is busy), what
+/// is left goes to a buffer of the flow's own, and reads go straight into that buffer until
+/// `from` has nothing more to read: then it is freed. `to` is flushed whenever `from` has
+/// nothing to read, so bytes a TLS writer holds back go out once its socket drains.
 async fn copy<R, W>(from: &mut R, to: &mut W, count: impl Fn(u64)) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut held = Vec::new();
-    let mut at = 0;
+    // Empty, or `RELAY_BUFFER_BYTES` long with `own[at..end]` still to write.
+    let mut own: Vec<u8> = Vec::new();
+    let (mut at, mut end) = (0, 0);
     let mut unflushed = false;
     std::future::poll_fn(|cx| {
         loop {
-            while at < held.len() {
-                match Pin::new(&mut *to).poll_write(cx, held.get(at..).unwrap_or_default()) {
+            while at < end {
+                match Pin::new(&mut *to).poll_write(cx, own.get(at..end).unwrap_or_default()) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         at += n;
                         unflushed = true;
@@ -408,45 +410,54 @@ where
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if !held.is_empty() {
-                (held, at) = (Vec::new(), 0);
-            }
-            let step = SCRATCH.with_borrow_mut(|scratch| {
-                if scratch.len() < RELAY_BUFFER_BYTES {
-                    scratch.resize(RELAY_BUFFER_BYTES, 0);
-                }
-                let mut buf =
-                    ReadBuf::new(scratch.get_mut(..RELAY_BUFFER_BYTES).unwrap_or_default());
-                match Pin::new(&mut *from).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) if buf.filled().is_empty() => return Step::End,
-                    Poll::Ready(Ok(())) => {}
-                    // A TLS peer that closes without `close_notify`: its stream ended all the
-                    // same.
-                    Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        return Step::End;
+            (at, end) = (0, 0);
+            let step = if own.is_empty() {
+                SCRATCH.with_borrow_mut(|scratch| {
+                    if scratch.len() < RELAY_BUFFER_BYTES {
+                        scratch.resize(RELAY_BUFFER_BYTES, 0);
                     }
-                    Poll::Ready(Err(_)) => return Step::Failed(Side::Read),
-                    Poll::Pending => return Step::Idle,
-                }
-                let read = buf.filled();
-                let mut written = 0;
-                while written < read.len() {
-                    match Pin::new(&mut *to).poll_write(cx, read.get(written..).unwrap_or_default())
-                    {
-                        Poll::Ready(Ok(n)) if n > 0 => written += n,
-                        Poll::Ready(_) => return Step::Failed(Side::Write),
-                        Poll::Pending => break,
+                    let buf = scratch.get_mut(..RELAY_BUFFER_BYTES).unwrap_or_default();
+                    let n = match read_step(&mut *from, cx, buf) {
+                        Ok(n) => n,
+                        Err(step) => return step,
+                    };
+                    let read = buf.get(..n).unwrap_or_default();
+                    let mut written = 0;
+                    while written < n {
+                        match Pin::new(&mut *to)
+                            .poll_write(cx, read.get(written..).unwrap_or_default())
+                        {
+                            Poll::Ready(Ok(k)) if k > 0 => written += k,
+                            Poll::Ready(_) => return Step::Failed(Side::Write),
+                            Poll::Pending => break,
+                        }
                     }
+                    if written > 0 {
+                        unflushed = true;
+                        count(written as u64);
+                    }
+                    if let Some(rest) = read.get(written..).filter(|r| !r.is_empty()) {
+                        own = vec![0; RELAY_BUFFER_BYTES];
+                        if let Some(dst) = own.get_mut(..rest.len()) {
+                            dst.copy_from_slice(rest);
+                        }
+                        end = rest.len();
+                    }
+                    Step::Moved
+                })
+            } else {
+                match read_step(&mut *from, cx, &mut own) {
+                    Ok(n) => {
+                        end = n;
+                        Step::Moved
+                    }
+                    Err(Step::Idle) => {
+                        own = Vec::new();
+                        Step::Idle
+                    }
+                    Err(step) => step,
                 }
-                if written > 0 {
-                    unflushed = true;
-                    count(written as u64);
-                }
-                if let Some(rest) = read.get(written..).filter(|r| !r.is_empty()) {
-                    held = rest.to_vec();
-                }
-                Step::Moved
-            });
+            };
             match step {
                 Step::Moved => continue,
                 Step::End => return Poll::Ready(Ok(())),
@@ -466,6 +477,23 @@ where
     })
     .await?;
     to.shutdown().await.map_err(|_| Side::Write)
+}
+
+/// One read of [`copy`] into `buf`: the bytes read, or why there are none.
+fn read_step<R: AsyncRead + Unpin>(
+    from: &mut R,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut [u8],
+) -> Result<usize, Step> {
+    let mut buf = ReadBuf::new(buf);
+    match Pin::new(from).poll_read(cx, &mut buf) {
+        Poll::Ready(Ok(())) if buf.filled().is_empty() => Err(Step::End),
+        Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+        // A TLS peer that closes without `close_notify`: its stream ended all the same.
+        Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Step::End),
+        Poll::Ready(Err(_)) => Err(Step::Failed(Side::Read)),
+        Poll::Pending => Err(Step::Idle),
+    }
 }
 
 /// What one read of [`copy`] came to.
