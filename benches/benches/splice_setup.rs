@@ -65,7 +65,7 @@ fn run(engine: &Engine, pairs: &Pairs, iters: u64) -> (Duration, Duration) {
             f.proxy_client,
             f.proxy_backend,
             FlowOptions::default(),
-            Some(Box::new(move |o| {
+            Some(Box::new(move |o: ingress_daemon::splice::FlowOutcome| {
                 let _ = tx.send(o);
             })),
         );

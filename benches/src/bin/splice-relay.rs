@@ -105,7 +105,7 @@ async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
     };
     // Bulk flows report which path carried their bytes (in the relay's log), so a slow kernel
     // path can be told from one whose gate handed the flow to the relay.
-    let on_end: OnEnd = Box::new(|o| {
+    let on_end: OnEnd = Box::new(|o: ingress_daemon::splice::FlowOutcome| {
         let total = o.client_to_backend.total() + o.backend_to_client.total();
         if total >= BULK_FLOW_BYTES {
             eprintln!(

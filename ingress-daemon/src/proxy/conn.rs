@@ -394,36 +394,9 @@ fn splice_flow(
     let client = splice::into_owned_fd(client).map_err(internal)?;
     let backend = splice::into_owned_fd(backend).map_err(internal)?;
     let counters = flow.counters.clone();
-    let on_end: splice::OnEnd = Box::new(move |outcome| {
-        let path = FlowPath::from(outcome.path);
-        // The userspace phase before the hand-off belongs to the flow too.
-        let (pre, duration) = match &first {
-            Some(first) => (first.moved, first.started.elapsed()),
-            None => ([0; 2], outcome.duration),
-        };
-        flow.counters
-            .on_flow_end(Mode::Passthrough, path, outcome.end, duration);
-        let log = &slot.dp.inner.access_log;
-        if log.enabled() {
-            let (up, down) = (outcome.client_to_backend, outcome.backend_to_client);
-            log.log(flow.record(
-                log,
-                Instant::now(),
-                duration,
-                Outcome::Flow {
-                    id: outcome.id,
-                    path,
-                    client_to_backend_bytes: up.total() + pre[0],
-                    backend_to_client_bytes: down.total() + pre[1],
-                    relayed_bytes: up.relayed + down.relayed + pre[0] + pre[1],
-                    end: outcome.end,
-                },
-            ));
-        }
-        drop(slot);
-    });
-    let engine = &dp.inner.engine;
     let started = first.as_ref().map(|f| f.started);
+    let on_end: splice::OnEnd = Box::new(PassthroughEnd { flow, slot, first });
+    let engine = &dp.inner.engine;
     let spliced = engine.splice(client, backend, options, Some(on_end));
     // Held until the engine has the flow: a takeover waits for every permit before it
     // freezes the engine, and the freeze reaches the shard after the flow (one queue). The
@@ -463,11 +436,86 @@ fn splice_flow(
 
 /// The userspace phase of a flow handed to the engine after it.
 #[derive(Clone, Copy)]
-struct First {
+pub(super) struct First {
     /// Bytes it moved per direction (0 = client → backend).
-    moved: [u64; 2],
+    pub(super) moved: [u64; 2],
     /// When it started.
-    started: Instant,
+    pub(super) started: Instant,
+}
+
+/// Reports a passthrough flow the engine carried: its metrics and its access log line. In a
+/// hand-off it describes the flow ([`FlowMeta`]), so the next daemon reports it the same way.
+pub(super) struct PassthroughEnd {
+    pub(super) flow: Conn,
+    pub(super) slot: FlowSlot,
+    /// The userspace phase before the engine, if any (for an adopted flow, the time since the
+    /// flow began and the bytes the previous daemon's first phase moved).
+    pub(super) first: Option<First>,
+}
+
+impl splice::EndHandler for PassthroughEnd {
+    fn end(self: Box<Self>, outcome: splice::FlowOutcome) {
+        let Self { flow, slot, first } = *self;
+        let path = FlowPath::from(outcome.path);
+        // The userspace phase before the hand-off belongs to the flow too.
+        let (pre, duration) = match &first {
+            Some(first) => (first.moved, first.started.elapsed()),
+            None => ([0; 2], outcome.duration),
+        };
+        flow.counters
+            .on_flow_end(Mode::Passthrough, path, outcome.end, duration);
+        let log = &slot.dp.inner.access_log;
+        if log.enabled() {
+            let (up, down) = (outcome.client_to_backend, outcome.backend_to_client);
+            log.log(flow.record(
+                log,
+                Instant::now(),
+                duration,
+                Outcome::Flow {
+                    id: outcome.id,
+                    path,
+                    client_to_backend_bytes: up.total() + pre[0],
+                    backend_to_client_bytes: down.total() + pre[1],
+                    relayed_bytes: up.relayed + down.relayed + pre[0] + pre[1],
+                    end: outcome.end,
+                },
+            ));
+        }
+        drop(slot);
+    }
+
+    fn describe(&self) -> Option<serde_json::Value> {
+        let flow = &self.flow;
+        let meta = FlowMeta {
+            client: flow.client,
+            sni: flow.sni.clone(),
+            alpn: flow.alpn.clone(),
+            rule: flow.rule.as_deref().map(str::to_owned),
+            instance: flow.instance.as_ref().map(|i| i.as_str().to_owned()),
+            backend: flow.backend,
+            first_moved: self.first.map_or([0; 2], |f| f.moved),
+            age_us: self
+                .first
+                .map(|f| u64::try_from(f.started.elapsed().as_micros()).unwrap_or(u64::MAX)),
+        };
+        serde_json::to_value(meta).ok()
+    }
+}
+
+/// What a passthrough flow's access log line needs, carried to the next daemon in a hand-off.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct FlowMeta {
+    pub(super) client: SocketAddr,
+    pub(super) sni: Option<String>,
+    pub(super) alpn: Option<Vec<u8>>,
+    pub(super) rule: Option<String>,
+    pub(super) instance: Option<String>,
+    pub(super) backend: Option<SocketAddr>,
+    /// Bytes the first phase moved per direction.
+    pub(super) first_moved: [u64; 2],
+    /// Microseconds since the first phase began, when there was one (else the engine's own
+    /// age of the flow counts).
+    pub(super) age_us: Option<u64>,
 }
 
 /// Reports a passthrough flow that ended in its userspace phase, before any hand-off.

@@ -2,7 +2,10 @@
 //! their backlog waits for the next daemon), wait until no connection is between accept and
 //! hand-off, and adopt flows handed over by the previous daemon.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::{
     metrics::FlowPath,
@@ -10,7 +13,10 @@ use crate::{
     splice::{self, ExportedFlow},
 };
 
-use super::{DataPlane, FlowSlot};
+use super::{
+    DataPlane, FlowSlot,
+    conn::{Conn, First, FlowMeta, InstanceName, PassthroughEnd},
+};
 
 /// Why accepting could not be paused cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -81,17 +87,45 @@ impl DataPlane {
         if let Some(c) = &counters {
             c.on_flow_start(Mode::Passthrough, path);
         }
-        let on_end: splice::OnEnd = Box::new(move |outcome| {
-            if let Some(c) = counters {
-                c.on_flow_end(
-                    Mode::Passthrough,
-                    FlowPath::from(outcome.path),
-                    outcome.end,
-                    outcome.duration,
-                );
+        let meta = flow
+            .state
+            .meta
+            .take()
+            .and_then(|m| serde_json::from_value::<FlowMeta>(m).ok());
+        let on_end: splice::OnEnd = match (counters, meta) {
+            (Some(counters), Some(meta)) => {
+                // Reported as the previous daemon would have: the same access log line.
+                let began = meta
+                    .age_us
+                    .and_then(|us| Instant::now().checked_sub(Duration::from_micros(us)));
+                let mut conn = Conn::new(counters, meta.client, began.unwrap_or_else(Instant::now));
+                conn.sni = meta.sni;
+                conn.alpn = meta.alpn;
+                conn.rule = meta.rule.map(Arc::from);
+                conn.instance = meta.instance.map(InstanceName::Rendered);
+                conn.backend = meta.backend;
+                conn.mode = Some(Mode::Passthrough);
+                Box::new(PassthroughEnd {
+                    flow: conn,
+                    slot,
+                    first: began.map(|started| First {
+                        moved: meta.first_moved,
+                        started,
+                    }),
+                })
             }
-            drop(slot);
-        });
+            (counters, _) => Box::new(move |outcome: splice::FlowOutcome| {
+                if let Some(c) = counters {
+                    c.on_flow_end(
+                        Mode::Passthrough,
+                        FlowPath::from(outcome.path),
+                        outcome.end,
+                        outcome.duration,
+                    );
+                }
+                drop(slot);
+            }),
+        };
         self.inner.engine.adopt(flow, Some(on_end))
     }
 }

@@ -66,6 +66,10 @@ pub struct FlowState {
     pub age_ms: u64,
     /// The flow's idle timeout.
     pub idle_timeout_ms: Option<u64>,
+    /// The caller's description of the flow ([`super::EndHandler::describe`]); absent from
+    /// daemons that did not describe their flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
 }
 
 /// A flow taken out of a frozen engine: its state, duplicates of its sockets

@@ -351,8 +351,27 @@ pub struct Spliced {
     pub path: Path,
 }
 
-/// Called once with the outcome when a flow ends.
-pub type OnEnd = Box<dyn FnOnce(FlowOutcome) + Send>;
+/// What the engine calls once with the outcome when a flow ends.
+pub type OnEnd = Box<dyn EndHandler>;
+
+/// The caller's side of a flow's end: told the outcome once, and asked for a description of
+/// the flow when the engine hands it to another daemon (see [`handoff`]), which the engine
+/// carries without reading. Any `FnOnce(FlowOutcome)` closure is one, describing nothing.
+pub trait EndHandler: Send {
+    /// Called once with the outcome.
+    fn end(self: Box<Self>, outcome: FlowOutcome);
+
+    /// What the next daemon needs to report this flow's end as this one would have.
+    fn describe(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+impl<F: FnOnce(FlowOutcome) + Send> EndHandler for F {
+    fn end(self: Box<Self>, outcome: FlowOutcome) {
+        (*self)(outcome);
+    }
+}
 
 /// Bytes of the flows with one tag: finished flows' totals plus live flows' counters, read
 /// together per shard so the sum never goes down between two reads.

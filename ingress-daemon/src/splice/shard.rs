@@ -492,7 +492,7 @@ impl Shard {
         // Closing the descriptors removes the sockets from the sockhash (and from epoll).
         drop(flow);
         if let Some(on_end) = on_end {
-            on_end(outcome);
+            on_end.end(outcome);
         }
     }
 

@@ -24,8 +24,12 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Flows per `Flows` message: two descriptors each, within the kernel's 253.
 const FLOWS_PER_MESSAGE: usize = 126;
 
-/// Relay bytes per `Flows` message (the rest of the message is at most ~60 KiB of JSON).
+/// Relay bytes per `Flows` message.
 const TAIL_BYTES_PER_MESSAGE: usize = 128 << 10;
+
+/// JSON bytes of the flows of one `Flows` message: with the tail, within
+/// [`wire::MAX_MESSAGE_BYTES`] and room for the message's own keys.
+const JSON_BYTES_PER_MESSAGE: usize = wire::MAX_MESSAGE_BYTES - TAIL_BYTES_PER_MESSAGE - 1024;
 
 /// Whether this daemon has handed over; the API stops serving once it has.
 #[derive(Debug)]
@@ -238,6 +242,9 @@ fn send_all(
     let mut batch: Vec<FlowEntry> = Vec::new();
     let mut batch_fds: Vec<BorrowedFd<'_>> = Vec::new();
     let mut tail: Vec<u8> = Vec::new();
+    // The batch's JSON size: flow descriptions vary (server names, instance names), so the
+    // cut counts bytes, not flows alone.
+    let mut json_bytes = 0;
     let flush = |batch: &mut Vec<FlowEntry>,
                  batch_fds: &mut Vec<BorrowedFd<'_>>,
                  tail: &mut Vec<u8>|
@@ -254,19 +261,26 @@ fn send_all(
     };
     for flow in &frozen.flows {
         let pending_bytes = flow.pending[0].len() + flow.pending[1].len();
-        if batch.len() == FLOWS_PER_MESSAGE
-            || (!batch.is_empty() && tail.len() + pending_bytes > TAIL_BYTES_PER_MESSAGE)
-        {
-            fds_sent += flush(&mut batch, &mut batch_fds, &mut tail)?;
-        }
-        batch.push(FlowEntry {
+        let entry = FlowEntry {
             state: flow.state.clone(),
             ingress: dp.ingress_of_tag(flow.state.tag),
             pending: [
                 u32::try_from(flow.pending[0].len()).unwrap_or(u32::MAX),
                 u32::try_from(flow.pending[1].len()).unwrap_or(u32::MAX),
             ],
-        });
+        };
+        // A separating comma each, and room for the message's own keys.
+        let entry_bytes = serde_json::to_vec(&entry).map_or(0, |j| j.len()) + 1;
+        if batch.len() == FLOWS_PER_MESSAGE
+            || (!batch.is_empty()
+                && (tail.len() + pending_bytes > TAIL_BYTES_PER_MESSAGE
+                    || json_bytes + entry_bytes > JSON_BYTES_PER_MESSAGE))
+        {
+            fds_sent += flush(&mut batch, &mut batch_fds, &mut tail)?;
+            json_bytes = 0;
+        }
+        json_bytes += entry_bytes;
+        batch.push(entry);
         batch_fds.extend(flow.socks.iter().map(AsFd::as_fd));
         tail.extend_from_slice(&flow.pending[0]);
         tail.extend_from_slice(&flow.pending[1]);

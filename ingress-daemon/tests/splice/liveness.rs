@@ -143,7 +143,7 @@ async fn dead_backend(n: u8, send_while_dead: bool) {
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
             FlowOptions::default(),
-            Some(Box::new(move |o| {
+            Some(Box::new(move |o: ingress_daemon::splice::FlowOutcome| {
                 let _ = tx.send(o);
             })),
         )

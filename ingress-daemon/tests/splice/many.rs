@@ -64,7 +64,7 @@ async fn thousand_flows(engine: Engine) {
                 OwnedFd::from(proxy_client),
                 OwnedFd::from(proxy_backend),
                 FlowOptions::default(),
-                Some(Box::new(move |o| {
+                Some(Box::new(move |o: ingress_daemon::splice::FlowOutcome| {
                     let _ = tx.send(o);
                 })),
             )

@@ -115,9 +115,11 @@ pub fn spliced_with(
             OwnedFd::from(proxy_client),
             OwnedFd::from(proxy_backend),
             options,
-            Some(Box::new(move |outcome| {
-                let _ = tx.send(outcome);
-            })),
+            Some(Box::new(
+                move |outcome: ingress_daemon::splice::FlowOutcome| {
+                    let _ = tx.send(outcome);
+                },
+            )),
         )
         .unwrap()
         .id;

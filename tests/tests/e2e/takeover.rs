@@ -507,3 +507,143 @@ fn takeover_leaves_terminated_flows_with_the_old_daemon_until_they_end() {
     assert_eq!(daemon.pid(), Some(new_pid));
     assert!(status.success(), "{status:?}");
 }
+
+/// Flows handed over end in the new daemon, which writes the access log line the old daemon
+/// would have: the same flow ID, server name, rule, instance, client and backend, the bytes of
+/// the whole flow (first phase and old daemon included) and its whole duration. The old daemon
+/// writes none for them.
+#[test]
+fn adopted_flows_write_the_access_log_line_the_old_daemon_would_have() {
+    let work = ingress_tests::workdir::WorkDir::new("ingt-adopted-log-").unwrap();
+    let (old_log, new_log) = (work.join("old.log"), work.join("new.log"));
+    let Some(mut daemon) = kernel_daemon(&[("INGRESSD_ACCESS_LOG", old_log.to_str().unwrap())])
+    else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let echo = EchoServer::start(Ipv4Addr::LOCALHOST).unwrap();
+    instance(&api, "vm", Ipv4Addr::LOCALHOST);
+    let ingress = create_ingress(
+        &api,
+        "adopted",
+        json!([rule(SNI, "vm", echo.addr().port(), "passthrough")]),
+        None,
+    );
+    let hello = client_hello(SNI, &[]).unwrap().len() as u64;
+    let opened = Instant::now();
+    // One flow moves 256 KiB each way before the hand-off (past its first phase), two only
+    // their hello.
+    let extra = [256_u64 << 10, 0, 0];
+    let flows: Vec<TcpStream> = extra
+        .iter()
+        .map(|&n| {
+            let mut flow = open_flow(ingress.addr()).unwrap();
+            if n > 0 {
+                let sent = block(9, 0).repeat((n as usize).div_ceil(CHUNK));
+                let writer = {
+                    let mut w = flow.try_clone().unwrap();
+                    let sent = sent.clone();
+                    std::thread::spawn(move || w.write_all(&sent).unwrap())
+                };
+                let mut back = vec![0_u8; sent.len()];
+                flow.read_exact(&mut back).unwrap();
+                writer.join().unwrap();
+                assert!(back == sent, "the echo differs");
+            }
+            flow
+        })
+        .collect();
+    ingress_tests::process::wait_until("every flow listed", Duration::from_secs(20), || {
+        Ok((listed_flows(&daemon) == flows.len()).then_some(()))
+    })
+    .unwrap();
+    let listed = api.get("/flows").unwrap();
+    let mut ids: Vec<u64> = listed.assert_status(200)["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let all_open = Instant::now();
+    // Old enough that a duration counted from the adoption would be visibly short.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let successor = daemon
+        .start_successor(None, &[("INGRESSD_ACCESS_LOG", new_log.to_str().unwrap())])
+        .unwrap();
+    let (status, _) = daemon
+        .complete_takeover(successor, Duration::from_secs(40))
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let clients: Vec<String> = flows
+        .iter()
+        .map(|f| f.local_addr().unwrap().to_string())
+        .collect();
+    let closing = Instant::now();
+    for (i, flow) in flows.into_iter().enumerate() {
+        round_trip_and_close(flow, i as u64).unwrap();
+    }
+    let lived = opened.elapsed();
+    let at_least = closing.duration_since(all_open);
+    let flow_lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["event"] == "flow")
+            .collect()
+    };
+    let lines = ingress_tests::process::wait_until(
+        "a line for each adopted flow",
+        Duration::from_secs(10),
+        || {
+            let lines = flow_lines(&new_log);
+            Ok((lines.len() >= clients.len()).then_some(lines))
+        },
+    )
+    .unwrap();
+    assert_eq!(lines.len(), clients.len(), "one line per flow: {lines:#?}");
+    let mut logged: Vec<u64> = lines
+        .iter()
+        .map(|l| l["flow_id"].as_u64().unwrap())
+        .collect();
+    logged.sort_unstable();
+    assert_eq!(logged, ids, "the lines carry the flows' IDs");
+    for line in &lines {
+        // The listener is dual-stack: IPv4 clients show as mapped addresses.
+        let client: SocketAddr = line["client"].as_str().unwrap().parse().unwrap();
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port()).to_string();
+        let i = clients
+            .iter()
+            .position(|c| *c == client)
+            .unwrap_or_else(|| panic!("a line for an unknown client: {line}"));
+        let bytes = hello + extra[i] + 8;
+        assert_eq!(line["ingress"], "adopted", "{line}");
+        assert_eq!(line["sni"], SNI, "{line}");
+        assert_eq!(line["rule"], SNI, "{line}");
+        assert_eq!(line["instance"], "vm", "{line}");
+        assert_eq!(line["backend"], echo.addr().to_string(), "{line}");
+        assert_eq!(line["mode"], "passthrough", "{line}");
+        assert_eq!(line["path"], "sockmap", "{line}");
+        assert_eq!(line["end"], "closed", "{line}");
+        assert_eq!(line["client_to_backend_bytes"], bytes, "{line}");
+        assert_eq!(line["backend_to_client_bytes"], bytes, "{line}");
+        // The first phase relayed at least the hello each way, and it counts.
+        let relayed = line["relayed_bytes"].as_u64().unwrap();
+        assert!((2 * hello..=2 * bytes).contains(&relayed), "{line}");
+        // The whole flow, from before the hand-off to its end.
+        let ms = line["duration_ms"].as_f64().unwrap();
+        assert!(
+            ms <= lived.as_secs_f64() * 1e3 + 1.0 && ms >= at_least.as_secs_f64() * 1e3 - 1.0,
+            "duration {ms} ms of a flow that lived between {at_least:?} and {lived:?}"
+        );
+    }
+    let old_lines = flow_lines(&old_log);
+    assert!(
+        old_lines
+            .iter()
+            .all(|l| !ids.contains(&l["flow_id"].as_u64().unwrap_or(u64::MAX))),
+        "the old daemon wrote no line for a flow it handed over: {old_lines:#?}"
+    );
+}

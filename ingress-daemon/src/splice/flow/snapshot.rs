@@ -47,6 +47,7 @@ impl Flow {
                 .idle
                 .as_ref()
                 .map(|i| u64::try_from(i.timeout.as_millis()).unwrap_or(u64::MAX)),
+            meta: self.on_end.as_ref().and_then(|h| h.describe()),
         };
         (state, [pending(&self.dirs[0]), pending(&self.dirs[1])])
     }
