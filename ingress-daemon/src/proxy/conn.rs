@@ -47,6 +47,8 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// A connection from `client`; an IPv4 client of a dual-stack listener is recorded as
+    /// IPv4 (`127.0.0.1:5000`, not `[::ffff:127.0.0.1]:5000`).
     pub(super) fn new(
         counters: Arc<IngressMetrics>,
         client: SocketAddr,
@@ -54,7 +56,7 @@ impl Conn {
     ) -> Self {
         Self {
             counters,
-            client,
+            client: SocketAddr::new(client.ip().to_canonical(), client.port()),
             accepted_at,
             hello_at: accepted_at,
             sni: None,
