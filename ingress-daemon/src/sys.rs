@@ -686,17 +686,38 @@ pub fn set_tls_crypto_info(
     Ok(())
 }
 
+/// Whether this process may size pipes past the per-user soft limit
+/// (`fs.pipe-user-pages-soft`): `CAP_SYS_RESOURCE` or `CAP_SYS_ADMIN` in its effective set, as
+/// the kernel's `pipe_is_unprivileged_user` checks. `false` when the set cannot be read.
+pub fn may_exceed_pipe_limits() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective_capabilities(&status))
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE | 1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// The `CapEff` mask of a `/proc/<pid>/status` text.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
 /// A non-blocking pipe, `(read end, write end)`, grown to `bytes` where the kernel allows it
-/// (`F_SETPIPE_SZ`; a refusal keeps the default 64 KiB). Returns the pipe's capacity.
-pub fn pipe(bytes: usize) -> io::Result<(OwnedFd, OwnedFd, usize)> {
+/// (`F_SETPIPE_SZ`; `None`, or a refusal, keeps the default, 64 KiB while the user is under
+/// `fs.pipe-user-pages-soft`). Returns the pipe's capacity.
+pub fn pipe(bytes: Option<usize>) -> io::Result<(OwnedFd, OwnedFd, usize)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is writable for two descriptors.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
     // SAFETY: `pipe2` succeeded, so both descriptors are open and owned by nobody else.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: plain fcntl on an owned descriptor.
-    let _ = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if let Some(bytes) = bytes {
+        let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: plain fcntl on an owned descriptor.
+        let _ = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    }
     // SAFETY: plain fcntl on an owned descriptor.
     let size = cvt(unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) })?;
     Ok((r, w, usize::try_from(size).unwrap_or(0)))
@@ -825,6 +846,25 @@ pub use fdpass::{
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn effective_capabilities_are_read_from_the_status_text() {
+        let status = "Name:\tingressd\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+                      CapEff:\t0000000001003000\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(super::effective_capabilities(status), Some(0x0100_3000));
+        assert_eq!(super::effective_capabilities("Name:\tx\n"), None);
+        assert_eq!(super::effective_capabilities("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn pipes_grow_only_when_asked() {
+        let (_, _, default) = super::pipe(None).unwrap_or_else(|e| panic!("pipe: {e}"));
+        assert_eq!(default, 64 << 10, "the kernel's default pipe");
+        if super::may_exceed_pipe_limits() {
+            let (_, _, grown) = super::pipe(Some(1 << 20)).unwrap_or_else(|e| panic!("pipe: {e}"));
+            assert_eq!(grown, 1 << 20);
+        }
+    }
+
     #[test]
     fn tls_record_type_control_message_fits_its_buffer() {
         // SAFETY: pure size computation.

@@ -29,7 +29,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::handshake::Installed;
 use crate::{
@@ -38,8 +38,29 @@ use crate::{
     sys,
 };
 
-/// Pipe size asked for per direction (the kernel may keep its 64 KiB default).
+/// Pipe size asked for per direction by a daemon that may exceed the per-user pipe limit.
 const PIPE_BYTES: usize = 1 << 20;
+
+/// The pipe size to ask for, decided once. Without `CAP_SYS_RESOURCE` (the systemd unit's
+/// dynamic user) the kernel charges pipe pages to the user: past `fs.pipe-user-pages-soft`
+/// (16,384 pages by default) it refuses to grow pipes and makes new ones 2 pages. 1 MiB pipes
+/// would reach that after 32 flows and leave every later flow 8 KiB pipes; the default 64 KiB
+/// serves 512 flows at full size first.
+fn pipe_bytes() -> Option<usize> {
+    static SIZE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        if sys::may_exceed_pipe_limits() {
+            info!(bytes = PIPE_BYTES, "kernel tls relay pipes grown");
+            Some(PIPE_BYTES)
+        } else {
+            info!(
+                "kernel tls relay pipes kept at the kernel's default (no CAP_SYS_RESOURCE: \
+                 grown pipes would exhaust fs.pipe-user-pages-soft)"
+            );
+            None
+        }
+    })
+}
 
 /// Room for one record read with `recvmsg`: 2^14 plaintext bytes and some slack.
 const RECORD_BUFFER_BYTES: usize = (1 << 14) + 256;
@@ -61,7 +82,7 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Self> {
-        let (r, w, capacity) = sys::pipe(PIPE_BYTES)?;
+        let (r, w, capacity) = sys::pipe(pipe_bytes())?;
         Ok(Self {
             r,
             w,
