@@ -11,6 +11,9 @@
 /// Longest DNS name we accept, in bytes (RFC 1035 presentation form without the root dot).
 pub const MAX_HOST_BYTES: usize = 253;
 
+/// Most labels a hostname of [`MAX_HOST_BYTES`] can have.
+pub const MAX_LABELS: usize = MAX_HOST_BYTES.div_ceil(2);
+
 /// Why a pattern or template was refused; the text is shown to API clients.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatternError {
@@ -180,7 +183,7 @@ impl SniPattern {
 
     /// Whether the lower-cased `host` matches.
     pub fn matches(&self, host: &str) -> bool {
-        let mut labels = [""; MAX_HOST_BYTES.div_ceil(2)];
+        let mut labels = [""; MAX_LABELS];
         split_labels(host, &mut labels).is_some_and(|l| self.matches_labels(l))
     }
 
@@ -300,7 +303,7 @@ impl Template {
 
     /// Fills the captures from a hostname that matched the pattern.
     pub fn render(&self, host: &str) -> String {
-        let mut labels = [""; MAX_HOST_BYTES.div_ceil(2)];
+        let mut labels = [""; MAX_LABELS];
         self.render_labels(split_labels(host, &mut labels).unwrap_or_default())
     }
 

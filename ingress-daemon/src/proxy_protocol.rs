@@ -66,10 +66,14 @@ pub fn encode(version: Version, source: SocketAddr, destination: SocketAddr) -> 
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (a dual-stack listener's IPv4 peer) as plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Brings both ends to one family: IPv4-mapped addresses become IPv4, and if the families
 /// still differ the IPv4 end becomes IPv4-mapped IPv6.
 fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (s, d) = (canonical(source), canonical(destination));
     let widen = |a: SocketAddr| match a.ip() {
         IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),

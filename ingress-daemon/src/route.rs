@@ -19,16 +19,15 @@ use arc_swap::ArcSwap;
 
 use crate::error::ApiError;
 use crate::model::{Mode, Protocol, ProxyProtocol, TcpIngress};
-use crate::pattern::{Label, MAX_HOST_BYTES, SniPattern, Template, lower_ascii, split_labels};
+use crate::pattern::{
+    Label, MAX_HOST_BYTES, MAX_LABELS, SniPattern, Template, lower_ascii, split_labels,
+};
 
 /// The tables' hasher: fast, seeded with a constant (see the module's design note).
 type FixedHash = foldhash::fast::FixedState;
 
 /// A listener's current routing table, swapped atomically on every change.
 pub type SharedRoutes = Arc<ArcSwap<RouteTable>>;
-
-/// Most labels a hostname of [`MAX_HOST_BYTES`] can have.
-const MAX_LABELS: usize = MAX_HOST_BYTES.div_ceil(2);
 
 /// Labels a hostname usually has at most: such names are split into a smaller stack array.
 const FEW_LABELS: usize = 8;

@@ -56,7 +56,7 @@ impl Conn {
     ) -> Self {
         Self {
             counters,
-            client: SocketAddr::new(client.ip().to_canonical(), client.port()),
+            client: proxy_protocol::canonical(client),
             accepted_at,
             hello_at: accepted_at,
             sni: None,

@@ -182,9 +182,9 @@ impl DataPlane {
                 mode: metrics::mode_str(Mode::Passthrough).to_owned(),
                 path: FlowPath::from(f.path).as_str().to_owned(),
                 // As the access log shows it: IPv4 clients of dual-stack listeners as IPv4.
-                client: f.client.map(|a| {
-                    std::net::SocketAddr::new(a.ip().to_canonical(), a.port()).to_string()
-                }),
+                client: f
+                    .client
+                    .map(|a| crate::proxy_protocol::canonical(a).to_string()),
                 backend: f.backend.map(|a| a.to_string()),
                 age_ms: u64::try_from(f.age.as_millis()).unwrap_or(u64::MAX),
                 client_to_backend: ByteCounts {
