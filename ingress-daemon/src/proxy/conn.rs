@@ -340,7 +340,7 @@ async fn route_and_hand_off(
         Mode::Terminate => {
             let alpn = route.alpn.clone();
             drop(route);
-            terminate::run(
+            Box::pin(terminate::run(
                 dp,
                 terminate::Terminated {
                     client,
@@ -353,7 +353,7 @@ async fn route_and_hand_off(
                     idle_timeout: table.idle_timeout(),
                 },
                 conn,
-            )
+            ))
             .await
         }
     }

@@ -128,7 +128,9 @@ impl Resolver {
             return Ok(ip);
         }
         match &self.dns {
-            Some(dns) => dns.resolve(&name).await,
+            // Boxed: the DNS lookup's state is large, and inline it would be part of (and
+            // copied with) every connection's task, most of which never ask DNS.
+            Some(dns) => Box::pin(dns.resolve(&name)).await,
             None => Err(ResolveError::NotFound {
                 instance: name.into_owned(),
             }),
