@@ -145,25 +145,30 @@ pub(super) async fn handle(
         debug!(error = %e, "setting TCP_NODELAY on the client socket");
     }
     if let Err(refusal) = route_and_hand_off(&dp, &ingress, client, &mut conn, permit).await {
-        conn.counters.on_refuse(refusal.reason);
-        if refusal.reason.is_internal() {
-            warn!(reason = %refusal.reason, detail = %refusal.detail, sni = ?conn.sni, "connection refused");
-        } else {
-            debug!(reason = %refusal.reason, detail = %refusal.detail, sni = ?conn.sni, "connection refused");
-        }
-        let log = &dp.inner.access_log;
-        if log.enabled() {
-            let now = Instant::now();
-            let took = now.saturating_duration_since(conn.accepted_at);
-            log.log(conn.record(
-                log,
-                now,
-                took,
-                Outcome::Refused {
-                    reason: refusal.reason,
-                },
-            ));
-        }
+        report_refusal(&dp, conn, &refusal);
+    }
+}
+
+/// Counts, traces and logs a refused connection with what was known of it.
+fn report_refusal(dp: &DataPlane, conn: Conn, refusal: &Refusal) {
+    conn.counters.on_refuse(refusal.reason);
+    if refusal.reason.is_internal() {
+        warn!(reason = %refusal.reason, detail = %refusal.detail, sni = ?conn.sni, "connection refused");
+    } else {
+        debug!(reason = %refusal.reason, detail = %refusal.detail, sni = ?conn.sni, "connection refused");
+    }
+    let log = &dp.inner.access_log;
+    if log.enabled() {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(conn.accepted_at);
+        log.log(conn.record(
+            log,
+            now,
+            took,
+            Outcome::Refused {
+                reason: refusal.reason,
+            },
+        ));
     }
 }
 
@@ -327,15 +332,7 @@ async fn route_and_hand_off(
                 tag: conn.counters.tag(),
                 idle_timeout: table.idle_timeout(),
             };
-            splice_flow(
-                dp,
-                [client, backend],
-                options,
-                conn.take(),
-                slot,
-                first,
-                permit,
-            )
+            splice_flow(dp, [client, backend], options, conn, slot, first, permit)
         }
         Mode::Terminate => {
             let alpn = route.alpn.clone();
@@ -387,7 +384,7 @@ fn splice_flow(
     dp: &DataPlane,
     [client, backend]: [TcpStream; 2],
     options: FlowOptions,
-    flow: Conn,
+    conn: &mut Conn,
     slot: FlowSlot,
     first: Option<First>,
     permit: OwnedSemaphorePermit,
@@ -395,45 +392,26 @@ fn splice_flow(
     let internal = |e: std::io::Error| Refusal::new(Reason::Internal, e);
     let client = splice::into_owned_fd(client).map_err(internal)?;
     let backend = splice::into_owned_fd(backend).map_err(internal)?;
-    let counters = flow.counters.clone();
-    let started = first.as_ref().map(|f| f.started);
+    let counters = conn.counters.clone();
+    let flow = conn.take();
     let on_end: splice::OnEnd = Box::new(PassthroughEnd { flow, slot, first });
     let engine = &dp.inner.engine;
+    // A refusal is reported by the handler (`PassthroughEnd::refused`), which holds what is
+    // known of the connection.
     let spliced = engine.splice(client, backend, options, Some(on_end));
     // Held until the engine has the flow: a takeover waits for every permit before it
     // freezes the engine, and the freeze reaches the shard after the flow (one queue). The
     // first phase holds it too, so its buffers count against `max_handshakes`.
     drop(permit);
-    match spliced {
-        Ok(spliced) => {
-            let path = FlowPath::from(spliced.path);
-            if started.is_some() {
-                counters.on_path_change(Mode::Passthrough, FlowPath::Userspace, path);
-            } else {
-                counters.on_flow_start(Mode::Passthrough, path);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            if let Some(started) = started {
-                // Bytes moved already: this is a flow that failed, not a refused connection.
-                // The sockets are closed; the peers' TLS sees the stream cut short.
-                warn!(error = %e, "the kernel path refused a flow after its first phase");
-                counters.on_flow_end(
-                    Mode::Passthrough,
-                    FlowPath::Userspace,
-                    splice::FlowEnd::KernelError,
-                    started.elapsed(),
-                );
-                return Ok(());
-            }
-            Err(match e {
-                // The kernel's flow table is full: a limit like `max_flows`, not a fault.
-                e @ splice::SpliceError::MapFull => Refusal::new(Reason::FlowLimit, e),
-                e => Refusal::new(Reason::Internal, e),
-            })
+    if let Ok(spliced) = spliced {
+        let path = FlowPath::from(spliced.path);
+        if first.is_some() {
+            counters.on_path_change(Mode::Passthrough, FlowPath::Userspace, path);
+        } else {
+            counters.on_flow_start(Mode::Passthrough, path);
         }
     }
+    Ok(())
 }
 
 /// The userspace phase of a flow handed to the engine after it.
@@ -484,6 +462,35 @@ impl splice::EndHandler for PassthroughEnd {
             ));
         }
         drop(slot);
+    }
+
+    fn refused(self: Box<Self>, error: &splice::SpliceError) {
+        let Self { flow, slot, first } = *self;
+        let dp = slot.dp.clone();
+        match first {
+            Some(First { moved, started }) => {
+                // Bytes moved already: a flow that failed, not a refused connection. The
+                // sockets are closed; the peers' TLS sees the stream cut short.
+                warn!(%error, "the kernel path refused a flow after its first phase");
+                ended_first(
+                    &dp,
+                    flow,
+                    slot,
+                    moved,
+                    splice::FlowEnd::KernelError,
+                    started,
+                );
+            }
+            None => {
+                let refusal = match error {
+                    // The kernel's flow table is full: a limit like `max_flows`, not a fault.
+                    e @ splice::SpliceError::MapFull => Refusal::new(Reason::FlowLimit, e),
+                    e => Refusal::new(Reason::Internal, e),
+                };
+                report_refusal(&dp, flow, &refusal);
+                drop(slot);
+            }
+        }
     }
 
     fn describe(&self) -> Option<serde_json::Value> {

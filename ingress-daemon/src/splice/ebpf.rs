@@ -52,6 +52,21 @@ static PROGRAM_OBJECT: &[u8] =
 /// [`ingress_common::PROGRAM_VERSION`] (so a test can tell two builds' programs apart).
 pub const TEST_PROGRAM_VERSION_ENV: &str = "INGRESSD_TEST_PROGRAM_VERSION";
 
+/// Environment variable of a test-only hook: how many flows the kernel path takes at most
+/// (fewer than the maps hold), so a test can fill the kernel's flow table.
+pub const TEST_KERNEL_FLOWS_ENV: &str = "INGRESSD_TEST_KERNEL_FLOWS";
+
+/// Direction slots handed out: two per kernel flow, all of them unless
+/// [`TEST_KERNEL_FLOWS_ENV`] names fewer flows.
+fn dir_slots() -> u32 {
+    dir_slots_or_all(std::env::var(TEST_KERNEL_FLOWS_ENV).ok().as_deref())
+}
+
+fn dir_slots_or_all(hook: Option<&str>) -> u32 {
+    hook.and_then(|v| v.trim().parse::<u32>().ok())
+        .map_or(MAX_DIRS, |flows| flows.saturating_mul(2).min(MAX_DIRS))
+}
+
 /// The version this daemon loads its program with: [`ingress_common::PROGRAM_VERSION`] unless
 /// [`TEST_PROGRAM_VERSION_ENV`] names another.
 pub(crate) fn loaded_program_version() -> u32 {
@@ -295,6 +310,8 @@ pub(crate) struct KernelPath {
     events: Mutex<Option<aya::maps::RingBuf<MapData>>>,
     /// Free direction slots, oldest-freed first, so a slot is reused as late as possible.
     free: Mutex<VecDeque<DirIndex>>,
+    /// Direction slots handed out at most ([`dir_slots`]).
+    slots: u32,
     /// Offset of `bytes_acked` in `struct tcp_sock`, as read from BTF.
     pub(crate) bytes_acked_offset: u64,
 }
@@ -399,7 +416,8 @@ impl KernelPath {
             events_fd,
             dirs,
             events: Mutex::new(Some(events)),
-            free: Mutex::new((0..MAX_DIRS).collect()),
+            free: Mutex::new((0..dir_slots()).collect()),
+            slots: dir_slots(),
             bytes_acked_offset: offset,
         })
     }
@@ -475,7 +493,9 @@ impl KernelPath {
             events_fd,
             dirs,
             events: Mutex::new(Some(events)),
-            free: Mutex::new((0..MAX_DIRS).filter(|d| !in_use.contains(d)).collect()),
+            free: Mutex::new((0..dir_slots()).filter(|d| !in_use.contains(d)).collect()),
+            // Adopted flows may hold slots beyond a test hook's limit.
+            slots: dir_slots() + in_use.iter().filter(|&&d| d >= dir_slots()).count() as u32,
             bytes_acked_offset,
         })
     }
@@ -538,9 +558,9 @@ impl KernelPath {
 
     /// Number of direction slots in use (two per kernel flow).
     pub(crate) fn dirs_in_use(&self) -> u64 {
-        self.free
-            .lock()
-            .map_or(0, |free| u64::from(MAX_DIRS) - free.len() as u64)
+        self.free.lock().map_or(0, |free| {
+            u64::from(self.slots).saturating_sub(free.len() as u64)
+        })
     }
 
     /// Hands the two sockets to the kernel. On error nothing stays in the maps.
@@ -794,7 +814,7 @@ fn write_seq_baseline(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::version_or_default;
+    use super::{dir_slots_or_all, version_or_default};
 
     #[test]
     fn the_test_hook_overrides_the_program_version_only_with_a_positive_number() {
@@ -804,5 +824,15 @@ mod tests {
         assert_eq!(version_or_default(Some(" 8 ")), 8);
         assert_eq!(version_or_default(Some("0")), built);
         assert_eq!(version_or_default(Some("x")), built);
+    }
+
+    #[test]
+    fn the_test_hook_limits_kernel_flows_to_what_the_maps_hold() {
+        let all = ingress_common::MAX_DIRS;
+        assert_eq!(dir_slots_or_all(None), all);
+        assert_eq!(dir_slots_or_all(Some("1")), 2);
+        assert_eq!(dir_slots_or_all(Some(" 3 ")), 6);
+        assert_eq!(dir_slots_or_all(Some("4000000000")), all);
+        assert_eq!(dir_slots_or_all(Some("x")), all);
     }
 }

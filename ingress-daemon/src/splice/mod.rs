@@ -361,6 +361,12 @@ pub trait EndHandler: Send {
     /// Called once with the outcome.
     fn end(self: Box<Self>, outcome: FlowOutcome);
 
+    /// Called instead of [`Self::end`] when the engine refuses the pair (the error is returned
+    /// by [`Engine::splice`] too, and both sockets are closed). Does nothing by default.
+    fn refused(self: Box<Self>, error: &SpliceError) {
+        let _ = error;
+    }
+
     /// What the next daemon needs to report this flow's end as this one would have.
     fn describe(&self) -> Option<serde_json::Value> {
         None
@@ -654,15 +660,32 @@ impl Engine {
     }
 
     /// Hands an established client/backend pair to the engine; returns the flow ID and the
-    /// path that carries it. `on_end` is called once with the outcome. The sockets must not
-    /// have been partly read: only whole messages accounted for in `options.preamble` may have
-    /// been consumed.
+    /// path that carries it. `on_end` is called once: with the outcome when the flow ends, or
+    /// with the error ([`EndHandler::refused`]) when the engine refuses the pair, whose
+    /// sockets are then closed. The sockets must not have been partly read: only whole
+    /// messages accounted for in `options.preamble` may have been consumed.
     pub fn splice(
         &self,
         client: OwnedFd,
         backend: OwnedFd,
         options: FlowOptions,
         on_end: Option<OnEnd>,
+    ) -> Result<Spliced, SpliceError> {
+        let mut on_end = on_end;
+        let spliced = self.try_splice(client, backend, options, &mut on_end);
+        if let (Err(e), Some(on_end)) = (&spliced, on_end) {
+            on_end.refused(e);
+        }
+        spliced
+    }
+
+    /// [`Self::splice`], leaving `on_end` where it is unless the engine took the flow.
+    fn try_splice(
+        &self,
+        client: OwnedFd,
+        backend: OwnedFd,
+        options: FlowOptions,
+        on_end: &mut Option<OnEnd>,
     ) -> Result<Spliced, SpliceError> {
         let FlowOptions {
             preamble,
@@ -748,22 +771,24 @@ impl Engine {
             kernel,
             preamble,
             idle_timeout,
-            on_end,
+            on_end: on_end.take(),
         });
-        match inner
-            .shards
-            .get(shard)
-            .map(|tx| tx.send(shard::Command::Add(new)))
-        {
-            Some(Ok(())) => Ok(Spliced { id, path }),
-            Some(Err(mpsc::error::SendError(shard::Command::Add(new)))) => {
-                if let (Some(path), Some(kflow)) = (&inner.kernel, &new.kernel) {
-                    path.remove(kflow);
-                }
-                Err(SpliceError::ShuttingDown)
+        let unsent = match inner.shards.get(shard) {
+            Some(tx) => match tx.send(shard::Command::Add(new)) {
+                Ok(()) => return Ok(Spliced { id, path }),
+                Err(mpsc::error::SendError(shard::Command::Add(new))) => Some(new),
+                Err(_) => None,
+            },
+            None => Some(new),
+        };
+        // The shard is gone: nothing stays in the maps, and the caller's handler comes back.
+        if let Some(mut new) = unsent {
+            if let (Some(path), Some(kflow)) = (&inner.kernel, &new.kernel) {
+                path.remove(kflow);
             }
-            _ => Err(SpliceError::ShuttingDown),
+            *on_end = new.on_end.take();
         }
+        Err(SpliceError::ShuttingDown)
     }
 
     /// Lists live flows.

@@ -872,3 +872,132 @@ fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase
     assert_eq!(line["backend_to_client_bytes"], json!(2 << 20), "{line}");
     assert_eq!(d.metrics().get("ingressd_sockhash_entries", &[]), 0.0);
 }
+
+/// Waits until `path` holds `n` lines and returns the last one.
+fn nth_line(path: &Path, n: usize) -> Value {
+    wait_for("the access log line", WAIT, || {
+        let lines = access_lines(path);
+        (lines.len() == n).then(|| lines[n - 1].clone())
+    })
+}
+
+/// Opens a passthrough flow and waits until `/flows` lists it on the kernel path.
+fn kernel_flow(d: &Ingressd, port: u16) -> TcpStream {
+    let (s, _) = echo_flow(port, "pass.obs.test", 100);
+    wait_for("the flow on the kernel path", WAIT, || {
+        let flows: Value = serde_json::from_str(&d.get("/flows?limit=10", &[])).unwrap();
+        let listed = flows["flows"].as_array()?;
+        (listed.len() == 1 && listed[0]["path"] == "sockmap").then_some(())
+    });
+    s
+}
+
+#[test]
+fn a_full_kernel_flow_table_is_logged_with_what_was_known_before_and_after_a_first_phase() {
+    if !kernel_path_available(
+        "a_full_kernel_flow_table_is_logged_with_what_was_known_before_and_after_a_first_phase",
+    ) {
+        return;
+    }
+    let routed = |line: &Value| {
+        (
+            line["ingress"].clone(),
+            line["sni"].clone(),
+            line["rule"].clone(),
+            line["instance"].clone(),
+            line["mode"].clone(),
+        )
+    };
+    let expected = (
+        json!("obs"),
+        json!("pass.obs.test"),
+        json!("pass.obs.test"),
+        json!("echo"),
+        json!("passthrough"),
+    );
+
+    // Without a first phase, the engine refuses the pair at once: a `flow_limit` refusal,
+    // with the server name, rule, instance and backend the connection had reached.
+    let s = setup(&[
+        ("INGRESSD_TEST_KERNEL_FLOWS", "1"),
+        ("INGRESSD_RELAY_FIRST_MS", "0"),
+    ]);
+    let (d, port) = (&s.daemon, s.port);
+    let held = kernel_flow(d, port);
+    let before = d.metrics();
+    refused(port, &client_hello("pass.obs.test", &[]), false);
+    let line = nth_line(&s.access_log, 1);
+    assert_eq!(
+        (&line["event"], &line["reason"]),
+        (&json!("refused"), &json!("flow_limit")),
+        "{line}"
+    );
+    assert_eq!(routed(&line), expected, "{line}");
+    assert!(
+        line["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("127.0.0.1:")),
+        "{line}"
+    );
+    let after = d.metrics();
+    assert_eq!(
+        before.changes(&after, "ingressd_connections_refused_total"),
+        BTreeMap::from([(
+            series(
+                "ingressd_connections_refused_total",
+                &[("ingress", "obs"), ("reason", "flow_limit")]
+            ),
+            1.0
+        )])
+    );
+    // The refused pair gave its slot back: once the held flow ends, the next one is spliced.
+    finish(held);
+    assert_path_end(&nth_line(&s.access_log, 2), "sockmap", "closed");
+    finish(kernel_flow(d, port));
+    assert_path_end(&nth_line(&s.access_log, 3), "sockmap", "closed");
+    drop(s);
+
+    // After a first phase the pair has moved bytes: a flow that ended with `kernel_error`,
+    // its bytes counted, not a refused connection.
+    let s = setup(&[("INGRESSD_TEST_KERNEL_FLOWS", "1")]);
+    let (d, port) = (&s.daemon, s.port);
+    let held = kernel_flow(d, port);
+    let before = d.metrics();
+    let (mut cut, sent) = echo_flow(port, "pass.obs.test", 1000);
+    // The daemon closes both sockets when the engine refuses the pair.
+    let _ = cut.read_to_end(&mut Vec::new());
+    let line = nth_line(&s.access_log, 1);
+    assert_eq!(line["event"], json!("flow"), "{line}");
+    assert_path_end(&line, "userspace", "kernel_error");
+    assert_eq!(routed(&line), expected, "{line}");
+    assert_eq!(
+        (
+            &line["client_to_backend_bytes"],
+            &line["backend_to_client_bytes"],
+            &line["relayed_bytes"]
+        ),
+        (&json!(sent), &json!(sent), &json!(2 * sent)),
+        "{line}"
+    );
+    let after = wait_for("the flow's end in the metrics", WAIT, || {
+        let m = d.metrics();
+        (before.changes(&m, "ingressd_flows_ended_total").len() == 1).then_some(m)
+    });
+    assert_eq!(
+        before.changes(&after, "ingressd_flows_ended_total"),
+        BTreeMap::from([(
+            series(
+                "ingressd_flows_ended_total",
+                &[("ingress", "obs"), ("end", "kernel_error")]
+            ),
+            1.0
+        )])
+    );
+    assert!(
+        before
+            .changes(&after, "ingressd_connections_refused_total")
+            .is_empty()
+    );
+    finish(held);
+    assert_path_end(&nth_line(&s.access_log, 2), "sockmap", "closed");
+}

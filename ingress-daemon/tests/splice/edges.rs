@@ -6,7 +6,11 @@ use std::{
     time::Duration,
 };
 
-use ingress_daemon::splice::{Engine, FlowEnd, FlowOptions, Offload};
+use std::os::fd::OwnedFd;
+
+use ingress_daemon::splice::{
+    EndHandler, Engine, FlowEnd, FlowOptions, FlowOutcome, Offload, SpliceError,
+};
 
 use crate::support::{
     Pattern, drain, engine, inject_overlapping_retransmission, is_root, outcome, scaled_bytes,
@@ -245,6 +249,53 @@ async fn shutdown_resets_live_flows_and_empties_the_maps() {
             .unwrap();
             assert_eq!(engine.map_occupancy().unwrap_or((0, 0)), (0, 0));
             assert_eq!(engine.kernel_dirs_in_use().unwrap_or(0), 0);
+        })
+    })
+    .await;
+}
+
+/// Records how the engine reported a flow to its handler.
+struct Told(std::sync::mpsc::Sender<&'static str>);
+
+impl EndHandler for Told {
+    fn end(self: Box<Self>, _: FlowOutcome) {
+        let _ = self.0.send("end");
+    }
+
+    fn refused(self: Box<Self>, error: &SpliceError) {
+        assert!(matches!(error, SpliceError::ShuttingDown), "{error}");
+        let _ = self.0.send("refused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_refused_after_shutdown_is_reported_to_its_handler_and_leaves_nothing() {
+    for_each_mode(|engine| {
+        tokio::spawn(async move {
+            engine.shutdown(Duration::from_millis(10)).await;
+            let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let back = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
+            let (proxy_client, _) = front.accept().unwrap();
+            let proxy_backend = std::net::TcpStream::connect(back.local_addr().unwrap()).unwrap();
+            let (_server, _) = back.accept().unwrap();
+            let (tx, told) = std::sync::mpsc::channel();
+            let spliced = engine.splice(
+                OwnedFd::from(proxy_client),
+                OwnedFd::from(proxy_backend),
+                FlowOptions::default(),
+                Some(Box::new(Told(tx))),
+            );
+            assert!(matches!(spliced, Err(SpliceError::ShuttingDown)));
+            // Told once, as refused; the handler is gone afterwards.
+            assert_eq!(told.try_iter().collect::<Vec<_>>(), ["refused"]);
+            assert_eq!(engine.map_occupancy().unwrap_or((0, 0)), (0, 0));
+            assert_eq!(engine.kernel_dirs_in_use().unwrap_or(0), 0);
+            // The engine closed the pair: the client sees the end of the stream.
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            assert!(matches!(client.read(&mut [0u8; 1]), Ok(0) | Err(_)));
         })
     })
     .await;
