@@ -155,7 +155,12 @@ impl Session {
 
 async fn handshake(config: Arc<ServerConfig>, client: TcpStream) -> Result<Session, Refusal> {
     let failed = |e: &dyn std::fmt::Display| Refusal::new(Reason::TlsHandshakeFailed, e);
-    if config.enable_secret_extraction {
+    // The kernel takes its TLS layer only on an established socket, and a client that sends
+    // its request and FIN right behind its `Finished` leaves none by the time the keys could
+    // go in. So the layer goes on first, while the socket is surely established (it passes
+    // bytes through unchanged until keys are set); where it cannot, the flow stays on rustls
+    // from the start instead of failing after the handshake.
+    if config.enable_secret_extraction && ktls_layer(&client) {
         let conn = rustls::ServerConnection::new(config).map_err(|e| failed(&e))?;
         let done = ktls::handshake(client, conn)
             .await
@@ -167,6 +172,17 @@ async fn handshake(config: Arc<ServerConfig>, client: TcpStream) -> Result<Sessi
         .await
         .map_err(|e| failed(&e))?;
     Ok(Session::Rustls(tls))
+}
+
+/// Puts the kernel's TLS layer on `client`; whether it took.
+fn ktls_layer(client: &TcpStream) -> bool {
+    match sys::set_tls_ulp(client.as_fd()) {
+        Ok(()) => true,
+        Err(err) => {
+            debug!(error = %err, "the kernel tls layer did not take; the flow stays on rustls");
+            false
+        }
+    }
 }
 
 /// Handshakes with the client and connects the backend at once, then relays until both

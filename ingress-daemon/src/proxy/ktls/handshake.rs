@@ -45,7 +45,8 @@ pub enum HandshakeError {
 
 /// A finished handshake, before the keys go to the kernel.
 pub struct Handshaken {
-    /// The client socket; nothing past the handshake has been read from it.
+    /// The client socket, with the kernel's TLS layer on (no keys yet: bytes pass through
+    /// unchanged); nothing past the handshake has been read from it.
     pub sock: TcpStream,
     /// The rustls session; nothing is left to send.
     pub conn: ServerConnection,
@@ -112,7 +113,7 @@ pub enum InstallError {
     /// The kernel refused the upper layer or a key.
     #[error("kernel refused {what}: {source}")]
     Kernel {
-        /// `tls ulp`, `tx key` or `rx key`.
+        /// `tx key` or `rx key`.
         what: &'static str,
         /// The error.
         source: io::Error,
@@ -130,7 +131,8 @@ pub struct Installed {
     pub params: (Version, super::Cipher),
 }
 
-/// Moves the session's keys into the kernel. Whether the suite is supported is decided before
+/// Moves the session's keys into the kernel, on a socket that has its TLS layer already (see
+/// [`Handshaken::sock`]). Whether the suite is supported is decided before
 /// the secrets are extracted (extraction consumes the session); a failure after that leaves a
 /// socket that cannot carry the flow.
 pub fn install(h: Handshaken, support: &Support) -> Result<Installed, InstallError> {
@@ -160,7 +162,6 @@ pub fn install(h: Handshaken, support: &Support) -> Result<Installed, InstallErr
     let rx = CryptoInfo::from_secrets(version, &secrets.rx.1, secrets.rx.0)?;
     drop(secrets);
     let kernel = |what| move |source| InstallError::Kernel { what, source };
-    sys::set_tls_ulp(sock.as_fd()).map_err(kernel("tls ulp"))?;
     sys::set_tls_crypto_info(sock.as_fd(), TlsDirection::Transmit, tx.as_bytes())
         .map_err(kernel("tx key"))?;
     sys::set_tls_crypto_info(sock.as_fd(), TlsDirection::Receive, rx.as_bytes())

@@ -1,6 +1,9 @@
-//! Kernel TLS for terminated flows: after the rustls handshake the session keys go into the
-//! kernel (`TCP_ULP "tls"`, `TLS_TX`, `TLS_RX`) and the plaintext moves between the client's
-//! kTLS socket and the backend with `splice(2)` through a pipe, never copied to userspace.
+//! Kernel TLS for terminated flows: the kernel's TLS layer goes on the client socket before
+//! the handshake (`TCP_ULP "tls"`: the kernel takes it only on an established socket, and a
+//! client may send its FIN right behind its `Finished`), after the rustls handshake the session
+//! keys go into the kernel (`TLS_TX`, `TLS_RX`), and the plaintext moves between the client's
+//! kTLS socket and the backend with `splice(2)` through a pipe, never copied to userspace. A
+//! socket that does not take the layer keeps the rustls relay.
 //!
 //! Where it applies: kernels with `CONFIG_TLS` and the AEAD's crypto modules (Debian's stock
 //! 6.1 and 6.12: the `tls` module plus `gcm`/`aesni`/`ghash`; `tls` alone fails `TLS_TX` with

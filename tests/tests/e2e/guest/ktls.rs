@@ -6,6 +6,7 @@
 //! tests show the fallback: the flows run on the rustls relay and are reported as `userspace`.
 
 use std::{
+    io::{Read as _, Write as _},
     net::Ipv4Addr,
     sync::Arc,
     thread,
@@ -16,7 +17,9 @@ use ingress_tests::{
     api::ApiClient,
     bulk::{BulkServer, BulkSpec, Preamble, ServerReport},
     daemon::Daemon,
+    echo::EchoServer,
     pki::Pki,
+    tls::tls_connect,
     tls_bulk::{TlsSideReport, tls_exchange},
 };
 use rustls::CipherSuite;
@@ -296,6 +299,88 @@ fn every_cipher_suite_the_kernel_takes_carries_a_flow() {
         );
     }
     drop(s.daemon);
+}
+
+/// A client that sends its request, `close_notify` and FIN right behind its `Finished` (one
+/// write, before the daemon has read past the handshake): by the time the session keys could
+/// go in, the socket is no longer established, and the kernel takes its TLS layer only on an
+/// established one. Every such flow still gets its whole reply and a clean close.
+#[test]
+fn a_client_that_closes_right_after_the_handshake_gets_its_whole_reply() {
+    let daemon = Daemon::start().expect("ingressd starts");
+    let api = daemon.api().unwrap();
+    let ready = api.readyz().unwrap();
+    let ktls = ready.body["components"]["data_path"]["detail"]["ktls_available"] == json!(true);
+    assert!(ktls || !ktls_expected(), "{}", ready.text);
+    let path = if ktls { "ktls_splice" } else { "userspace" };
+    let pki = Pki::new().unwrap();
+    let echo = EchoServer::start(Ipv4Addr::LOCALHOST).unwrap();
+    instance(&api, "vm", Ipv4Addr::LOCALHOST);
+    certificate(&api, &pki, "ktls-early-fin", &[SNI]);
+    let ingress = create_ingress(
+        &api,
+        "ktls-early-fin",
+        json!([rule(SNI, "vm", echo.addr().port(), "terminate")]),
+        None,
+    );
+    let ended = |end: &str| {
+        metric(
+            &api,
+            "ingressd_flows_ended_total",
+            &["ingress=\"ktls-early-fin\"", &format!("end=\"{end}\"")],
+        )
+    };
+    let carried = || {
+        bytes_metric(
+            &api,
+            &[
+                "ingress=\"ktls-early-fin\"",
+                "direction=\"backend_to_client\"",
+                &format!("path=\"{path}\""),
+            ],
+        )
+    };
+    const FLOWS: u32 = 10;
+    const REQUEST: usize = 3000;
+    for i in 0..FLOWS {
+        let request: Vec<u8> = (0..REQUEST).map(|b| (b as u32 * 7 + i) as u8).collect();
+        // The handshake ends on the client's side before its `Finished` is written; the
+        // write below sends `Finished`, the request and `close_notify` together.
+        let mut tls = tls_connect(
+            ingress.addr(),
+            SNI,
+            pki.client_config_suite(CipherSuite::TLS13_AES_128_GCM_SHA256)
+                .unwrap(),
+        )
+        .unwrap();
+        tls.conn.writer().write_all(&request).unwrap();
+        tls.conn.send_close_notify();
+        while tls.conn.wants_write() {
+            tls.conn.write_tls(&mut tls.sock).unwrap();
+        }
+        tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        tls.read_to_end(&mut reply)
+            .unwrap_or_else(|e| panic!("flow {i}: {e} after {} bytes", reply.len()));
+        assert!(reply == request, "flow {i}: {} bytes back", reply.len());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ended("closed") < f64::from(FLOWS) {
+        assert!(
+            Instant::now() < deadline,
+            "closed {}, kernel tls refused {}",
+            ended("closed"),
+            ended("ktls_install_failed")
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ended("ktls_install_failed"), 0.0);
+    assert_eq!(
+        carried(),
+        f64::from(FLOWS) * REQUEST as f64,
+        "carried on {path}"
+    );
+    drop(daemon);
 }
 
 #[test]
