@@ -24,6 +24,9 @@ pub enum IngressdMode {
     Kernel,
     /// Passthrough, relayed in userspace (`INGRESSD_OFFLOAD=off`).
     Userspace,
+    /// Passthrough, spliced in the kernel except bulk flows, which keep the userspace relay
+    /// (`INGRESSD_OFFLOAD=required`, `INGRESSD_BULK_FLOWS=userspace`).
+    Adaptive,
     /// TLS terminated by ingressd, plaintext to the backend.
     Terminate,
 }
@@ -56,7 +59,7 @@ impl IngressdTarget {
         pki: &BenchPki,
     ) -> Result<Self> {
         let offload = match mode {
-            IngressdMode::Kernel => "required",
+            IngressdMode::Kernel | IngressdMode::Adaptive => "required",
             IngressdMode::Userspace | IngressdMode::Terminate => "off",
         };
         let dir = tempfile::Builder::new()
@@ -89,6 +92,9 @@ impl IngressdTarget {
             )
             .env("INGRESSD_MAX_FLOWS", peers::MAX_CONNECTIONS.to_string())
             .env("RUST_LOG", "warn");
+        if mode == IngressdMode::Adaptive {
+            cmd.env("INGRESSD_BULK_FLOWS", "userspace");
+        }
         let log = dir.path().join("ingressd.log");
         let mut daemon = ChildGuard::spawn("ingressd", &mut cmd, Some(&log))?;
         let api = ApiClient::new(api_addr)?;

@@ -352,6 +352,30 @@ impl Report {
                 ));
             }
         }
+        if let Some(a) = by_name(self, "ingressd-adaptive").filter(|a| a.up_gbit_s > 0.0) {
+            if let Some(h) = by_name(self, "haproxy-splice") {
+                goals.push(Goal::at_least(
+                    "adaptive up throughput ≥ 1.25× haproxy-splice".to_owned(),
+                    a.up_gbit_s / h.up_gbit_s,
+                    1.25,
+                    "×",
+                ));
+                goals.push(Goal::at_least(
+                    "adaptive down throughput ≥ 1.25× haproxy-splice".to_owned(),
+                    a.down_gbit_s / h.down_gbit_s,
+                    1.25,
+                    "×",
+                ));
+            }
+            if let Some(h) = by_name(self, "haproxy") {
+                goals.push(Goal::at_most(
+                    "adaptive system CPU/GB ≤ 0.75× haproxy".to_owned(),
+                    a.system_cpu_s_per_gb / h.system_cpu_s_per_gb,
+                    0.75,
+                    "×",
+                ));
+            }
+        }
         if let (Some(t), Some(h)) = (
             by_name(self, "ingressd-terminate"),
             by_name(self, "haproxy-terminate"),

@@ -87,6 +87,11 @@ pub const PEER_TARGETS: &[TargetSpec] = &[
         "ingressd passthrough, userspace relay (offload off)",
     ),
     target(
+        "ingressd-adaptive",
+        Kind::Ingressd(IngressdMode::Adaptive),
+        "ingressd passthrough, sockmap splice, bulk flows on the userspace relay (bulk_flows = userspace)",
+    ),
+    target(
         "ingressd-terminate",
         Kind::Ingressd(IngressdMode::Terminate),
         "ingressd terminates TLS, plaintext to the backend",

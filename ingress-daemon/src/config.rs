@@ -66,6 +66,20 @@ pub enum Offload {
     Required,
 }
 
+/// Which path carries a passthrough flow that spent its first phase's byte budget before the
+/// phase's time was up (a bulk transfer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkFlows {
+    /// The kernel path, like every other flow.
+    #[default]
+    Kernel,
+    /// The userspace relay. Where the kernel's per-socket send work competes with clients
+    /// and backends for few cores, it moves bulk data several times faster for about the
+    /// same CPU per byte; interactive flows keep the kernel path and its latency.
+    Userspace,
+}
+
 /// Where per-connection access log lines go.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AccessLog {
@@ -267,6 +281,8 @@ pub struct Config {
     pub relay_first_bytes: u64,
     /// The time limit of that first phase; 0 hands a flow to the kernel path at once.
     pub relay_first_ms: u64,
+    /// The path of a flow that passed `relay_first_bytes` within `relay_first_ms`.
+    pub bulk_flows: BulkFlows,
     /// Networks backends may be in; link-local is refused whatever this says.
     pub backend_allow: Vec<Cidr>,
     /// DNS server used to resolve instances not in the static registry.
@@ -306,6 +322,7 @@ impl Default for Config {
             low_water_bytes: 4 << 20,
             relay_first_bytes: 64 << 10,
             relay_first_ms: 50,
+            bulk_flows: BulkFlows::Kernel,
             backend_allow: default_backend_allow(),
             dns_server: None,
             dns_suffix: None,
@@ -361,6 +378,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("low_water_bytes", Kind::Int),
     ("relay_first_bytes", Kind::Int),
     ("relay_first_ms", Kind::Int),
+    ("bulk_flows", Kind::Str),
     ("backend_allow", Kind::List),
     ("dns_server", Kind::Str),
     ("dns_suffix", Kind::Str),
@@ -493,6 +511,15 @@ impl Config {
         }
         if self.api_max_body_bytes < 1024 {
             return Err(invalid("api_max_body_bytes", "must be at least 1024"));
+        }
+        if self.bulk_flows == BulkFlows::Userspace
+            && (self.relay_first_bytes == 0 || self.relay_first_ms == 0)
+        {
+            return Err(invalid(
+                "bulk_flows",
+                "tells bulk flows apart in the first phase: needs relay_first_bytes and \
+                 relay_first_ms above 0",
+            ));
         }
         if let Some(suffix) = &self.dns_suffix {
             let ok = !suffix.is_empty()
@@ -633,6 +660,7 @@ mod tests {
                 (&"api_listen", _) => "127.0.0.1:1",
                 (&"dns_server", _) => "127.0.0.1:53",
                 (&"offload", _) => "required",
+                (&"bulk_flows", _) => "userspace",
                 (&"listen_addr", _) => "127.0.0.1",
                 _ => "x",
             };
@@ -756,6 +784,23 @@ mod tests {
         .unwrap();
         assert_eq!((c.resolve_timeout_ms, c.dns_negative_ttl_ms), (250, 0));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn bulk_flows_in_userspace_need_the_first_phase() {
+        let c = Config::load(&sources(&[("INGRESSD_BULK_FLOWS", "userspace")])).unwrap();
+        assert_eq!(c.bulk_flows, BulkFlows::Userspace);
+        assert!(c.validate().is_ok());
+        for off in ["INGRESSD_RELAY_FIRST_MS", "INGRESSD_RELAY_FIRST_BYTES"] {
+            let c = Config::load(&sources(&[
+                ("INGRESSD_BULK_FLOWS", "userspace"),
+                (off, "0"),
+            ]))
+            .unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with("bulk_flows"), "{off}: {err}");
+        }
+        assert!(Config::load(&sources(&[("INGRESSD_BULK_FLOWS", "fast")])).is_err());
     }
 
     #[test]

@@ -301,6 +301,7 @@ async fn route_and_hand_off(
             };
             let limits = settings.relay_first;
             let mut first = None;
+            let mut userspace = false;
             if limits.enabled() && dp.inner.engine.path() == splice::Path::Sockmap {
                 let started = Instant::now();
                 conn.counters
@@ -314,10 +315,11 @@ async fn route_and_hand_off(
                     conn.counters.on_relayed(d, *n);
                 }
                 match phase {
-                    Phase::HandOff { shut } => {
+                    Phase::HandOff { shut, bulk } => {
                         preamble.client_consumed += consumed[0];
                         preamble.backend_consumed += consumed[1];
                         preamble.shut = shut;
+                        userspace = bulk && settings.bulk_in_userspace;
                         first = Some(First { moved, started });
                     }
                     Phase::Ended(end) => {
@@ -331,6 +333,7 @@ async fn route_and_hand_off(
                 preamble,
                 tag: conn.counters.tag(),
                 idle_timeout: table.idle_timeout(),
+                userspace,
             };
             splice_flow(dp, [client, backend], options, conn, slot, first, permit)
         }

@@ -79,6 +79,9 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// How long a passthrough flow is relayed in userspace before the kernel path takes it.
     pub relay_first: relay_first::Limits,
+    /// Whether a flow that spent the first phase's byte budget in time stays on the userspace
+    /// relay.
+    pub bulk_in_userspace: bool,
 }
 
 impl Settings {
@@ -94,6 +97,7 @@ impl Settings {
                 bytes: config.relay_first_bytes,
                 time: Duration::from_millis(config.relay_first_ms),
             },
+            bulk_in_userspace: config.bulk_flows == crate::config::BulkFlows::Userspace,
         }
     }
 }

@@ -66,8 +66,9 @@ impl Limits {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Phase {
     /// A limit was reached: hand the pair to the engine. `shut[d]`: direction `d` (0 =
-    /// client → backend) already ended and its FIN was propagated.
-    HandOff { shut: [bool; 2] },
+    /// client → backend) already ended and its FIN was propagated. `bulk`: the byte budget
+    /// ran out before the time did.
+    HandOff { shut: [bool; 2], bulk: bool },
     /// The flow ended here.
     Ended(FlowEnd),
 }
@@ -148,6 +149,7 @@ impl<'a> RelayFirst<'a> {
             }
         }
         let mut draining = false;
+        let mut bulk = false;
         loop {
             let mut waits = [Wait::Done; 2];
             for (d, wait) in waits.iter_mut().enumerate() {
@@ -167,7 +169,8 @@ impl<'a> RelayFirst<'a> {
             }
             if !draining {
                 let read: u64 = self.consumed().iter().sum();
-                draining = read >= limits.bytes || tokio::time::Instant::now() >= deadline;
+                bulk = read >= limits.bytes;
+                draining = bulk || tokio::time::Instant::now() >= deadline;
             }
             if draining
                 && waits.iter().all(|w| *w != Wait::Writable)
@@ -175,6 +178,7 @@ impl<'a> RelayFirst<'a> {
             {
                 return Phase::HandOff {
                     shut: [self.dirs[0].shut, self.dirs[1].shut],
+                    bulk,
                 };
             }
             let ready = |d: usize| {

@@ -340,6 +340,8 @@ pub struct FlowOptions {
     pub tag: u32,
     /// Close both sides once no byte has moved either way for this long; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Carry the flow on the userspace relay even where the kernel path is loaded.
+    pub userspace: bool,
 }
 
 /// A flow the engine took.
@@ -691,6 +693,7 @@ impl Engine {
             preamble,
             tag,
             idle_timeout,
+            userspace,
         } = options;
         let inner = &*self.inner;
         let id = self.next_flow_id();
@@ -731,7 +734,7 @@ impl Engine {
         // that already ended, or a side whose FIN arrived after the caller's last read, is
         // relayed in userspace instead.
         let kernel = match &inner.kernel {
-            Some(path) if !preamble.shut.contains(&true) => match path.insert(
+            Some(path) if !preamble.shut.contains(&true) && !userspace => match path.insert(
                 std::os::fd::AsFd::as_fd(&client),
                 std::os::fd::AsFd::as_fd(&backend),
                 ebpf::Marks {

@@ -1001,3 +1001,72 @@ fn a_full_kernel_flow_table_is_logged_with_what_was_known_before_and_after_a_fir
     finish(held);
     assert_path_end(&nth_line(&s.access_log, 2), "sockmap", "closed");
 }
+
+#[test]
+fn with_bulk_flows_in_userspace_a_bulk_flow_keeps_the_relay_and_a_quiet_one_the_kernel() {
+    if !kernel_path_available(
+        "with_bulk_flows_in_userspace_a_bulk_flow_keeps_the_relay_and_a_quiet_one_the_kernel",
+    ) {
+        return;
+    }
+    let s = setup(&[("INGRESSD_BULK_FLOWS", "userspace")]);
+    let (d, port) = (&s.daemon, s.port);
+    let bytes = |m: &Metrics, dir, path| {
+        m.get(
+            "ingressd_bytes_total",
+            &[("ingress", "obs"), ("direction", dir), ("path", path)],
+        )
+    };
+
+    // A bulk flow spends the first phase's 64 KiB within its 50 ms: the relay keeps it, every
+    // byte exact, none through the kernel.
+    let before = d.metrics();
+    let (bulk, bulk_bytes) = echo_flow(port, "pass.obs.test", 8 << 20);
+    finish(bulk);
+    let line = nth_line(&s.access_log, 1);
+    assert_path_end(&line, "userspace", "closed");
+    assert_eq!(
+        (
+            &line["client_to_backend_bytes"],
+            &line["backend_to_client_bytes"],
+            &line["relayed_bytes"]
+        ),
+        (
+            &json!(bulk_bytes),
+            &json!(bulk_bytes),
+            &json!(2 * bulk_bytes)
+        ),
+        "{line}"
+    );
+    let after = d.metrics();
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert_eq!(
+            bytes(&after, dir, "userspace") - bytes(&before, dir, "userspace"),
+            bulk_bytes as f64
+        );
+        assert_eq!(
+            bytes(&after, dir, "sockmap") - bytes(&before, dir, "sockmap"),
+            0.0
+        );
+    }
+
+    // A quiet flow runs out of time first: the kernel path takes it, and carries what follows.
+    let quiet = kernel_flow(d, port);
+    let mut quiet = quiet;
+    let more: Vec<u8> = (0..1 << 20).map(|i| (i % 13) as u8).collect();
+    let writer = {
+        let mut w = quiet.try_clone().unwrap();
+        let more = more.clone();
+        std::thread::spawn(move || w.write_all(&more).unwrap())
+    };
+    let mut back = vec![0u8; more.len()];
+    quiet.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == more, "the echo came back intact");
+    finish(quiet);
+    let line = nth_line(&s.access_log, 2);
+    assert_path_end(&line, "sockmap", "closed");
+    let relayed = line["relayed_bytes"].as_u64().unwrap();
+    assert!(relayed < 1000, "relayed {relayed}: {line}");
+    assert_eq!(d.metrics().get("ingressd_sockhash_entries", &[]), 0.0);
+}
