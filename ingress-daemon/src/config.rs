@@ -67,7 +67,7 @@ pub enum Offload {
 }
 
 /// Which path carries a passthrough flow that spent its first phase's byte budget before the
-/// phase's time was up (a bulk transfer).
+/// phase's time was up, in reads of 2 KiB or more on average (a bulk transfer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BulkFlows {
@@ -281,7 +281,8 @@ pub struct Config {
     pub relay_first_bytes: u64,
     /// The time limit of that first phase; 0 hands a flow to the kernel path at once.
     pub relay_first_ms: u64,
-    /// The path of a flow that passed `relay_first_bytes` within `relay_first_ms`.
+    /// The path of a flow that passed `relay_first_bytes` within `relay_first_ms` in large
+    /// reads (a bulk transfer).
     pub bulk_flows: BulkFlows,
     /// Networks backends may be in; link-local is refused whatever this says.
     pub backend_allow: Vec<Cidr>,

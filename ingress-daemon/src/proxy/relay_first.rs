@@ -46,6 +46,12 @@ const WINDOW_CLAMP: u32 = 64 << 10;
 /// queue even when the sender refills it as fast as it is read.
 const DRAIN_CHUNK: usize = 2 * WINDOW_CLAMP as usize;
 
+/// Mean bytes per read above which a flow that spent the byte budget in time is bulk. A bulk
+/// transfer's reads fill most of [`CHUNK`]; an interactive flow fast enough to spend the
+/// budget in time (a 64-byte ping-pong at 10,000 round trips a second) reads one small record
+/// at a time, and keeps its latency on the kernel path.
+const BULK_MEAN_READ: u64 = 2048;
+
 /// When the userspace phase ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -67,7 +73,7 @@ impl Limits {
 pub(super) enum Phase {
     /// A limit was reached: hand the pair to the engine. `shut[d]`: direction `d` (0 =
     /// client → backend) already ended and its FIN was propagated. `bulk`: the byte budget
-    /// ran out before the time did.
+    /// ran out before the time did, in large reads ([`BULK_MEAN_READ`]).
     HandOff { shut: [bool; 2], bulk: bool },
     /// The flow ended here.
     Ended(FlowEnd),
@@ -81,6 +87,8 @@ struct Dir {
     start: usize,
     /// Bytes read from the source (all of them written once `buf` is empty).
     read: u64,
+    /// Reads that returned bytes.
+    reads: u64,
     /// The source's last `recv` emptied its receive queue (`EAGAIN`, or fewer bytes than
     /// asked): no skb is partly read.
     drained: bool,
@@ -169,8 +177,10 @@ impl<'a> RelayFirst<'a> {
             }
             if !draining {
                 let read: u64 = self.consumed().iter().sum();
-                bulk = read >= limits.bytes;
-                draining = bulk || tokio::time::Instant::now() >= deadline;
+                let reads: u64 = self.dirs.iter().map(|d| d.reads).sum();
+                let spent = read >= limits.bytes;
+                bulk = spent && read >= BULK_MEAN_READ.saturating_mul(reads);
+                draining = spent || tokio::time::Instant::now() >= deadline;
             }
             if draining
                 && waits.iter().all(|w| *w != Wait::Writable)
@@ -278,6 +288,7 @@ impl<'a> RelayFirst<'a> {
                 Ok(0) => dir.eof = true,
                 Ok(n) => {
                     dir.read += n as u64;
+                    dir.reads += 1;
                     read_now += n as u64;
                     // A read that did not fill the buffer emptied the receive queue: every
                     // skb it touched was consumed whole.
