@@ -277,6 +277,37 @@ impl Report {
         m
     }
 
+    /// The bulk goals of a passthrough target `t` (named `who` in the goal), when its bulk
+    /// transfers were measured: throughput against haproxy-splice, system CPU per GB against
+    /// HAProxy.
+    fn bulk_goals(&self, goals: &mut Vec<Goal>, who: &str, stand_in: &str, t: &TargetResult) {
+        if t.up_gbit_s <= 0.0 {
+            return;
+        }
+        if let Some(h) = by_name(self, "haproxy-splice") {
+            goals.push(Goal::at_least(
+                format!("{who} up throughput ≥ 1.25× haproxy-splice{stand_in}"),
+                t.up_gbit_s / h.up_gbit_s,
+                1.25,
+                "×",
+            ));
+            goals.push(Goal::at_least(
+                format!("{who} down throughput ≥ 1.25× haproxy-splice{stand_in}"),
+                t.down_gbit_s / h.down_gbit_s,
+                1.25,
+                "×",
+            ));
+        }
+        if let Some(h) = by_name(self, "haproxy") {
+            goals.push(Goal::at_most(
+                format!("{who} system CPU/GB ≤ 0.75× haproxy{stand_in}"),
+                t.system_cpu_s_per_gb / h.system_cpu_s_per_gb,
+                0.75,
+                "×",
+            ));
+        }
+    }
+
     /// The performance goals that this run has the figures for.
     pub fn goals(&self) -> Vec<Goal> {
         let mut goals = Vec::new();
@@ -300,30 +331,8 @@ impl Report {
                     met: false,
                 });
             }
-            let bulk_measured = k.up_gbit_s > 0.0;
-            if let Some(h) = by_name(self, "haproxy-splice").filter(|_| bulk_measured) {
-                goals.push(Goal::at_least(
-                    format!("kernel up throughput ≥ 1.25× haproxy-splice{stand_in}"),
-                    k.up_gbit_s / h.up_gbit_s,
-                    1.25,
-                    "×",
-                ));
-                goals.push(Goal::at_least(
-                    format!("kernel down throughput ≥ 1.25× haproxy-splice{stand_in}"),
-                    k.down_gbit_s / h.down_gbit_s,
-                    1.25,
-                    "×",
-                ));
-            }
+            self.bulk_goals(&mut goals, "kernel", stand_in, k);
             if let Some(h) = by_name(self, "haproxy") {
-                if bulk_measured {
-                    goals.push(Goal::at_most(
-                        format!("kernel system CPU/GB ≤ 0.75× haproxy{stand_in}"),
-                        k.system_cpu_s_per_gb / h.system_cpu_s_per_gb,
-                        0.75,
-                        "×",
-                    ));
-                }
                 goals.push(Goal::at_most(
                     format!("kernel RTT p99 ≤ haproxy's{stand_in}"),
                     k.rtt.p99_us,
@@ -352,29 +361,8 @@ impl Report {
                 ));
             }
         }
-        if let Some(a) = by_name(self, "ingressd-adaptive").filter(|a| a.up_gbit_s > 0.0) {
-            if let Some(h) = by_name(self, "haproxy-splice") {
-                goals.push(Goal::at_least(
-                    "adaptive up throughput ≥ 1.25× haproxy-splice".to_owned(),
-                    a.up_gbit_s / h.up_gbit_s,
-                    1.25,
-                    "×",
-                ));
-                goals.push(Goal::at_least(
-                    "adaptive down throughput ≥ 1.25× haproxy-splice".to_owned(),
-                    a.down_gbit_s / h.down_gbit_s,
-                    1.25,
-                    "×",
-                ));
-            }
-            if let Some(h) = by_name(self, "haproxy") {
-                goals.push(Goal::at_most(
-                    "adaptive system CPU/GB ≤ 0.75× haproxy".to_owned(),
-                    a.system_cpu_s_per_gb / h.system_cpu_s_per_gb,
-                    0.75,
-                    "×",
-                ));
-            }
+        if let Some(a) = by_name(self, "ingressd-adaptive") {
+            self.bulk_goals(&mut goals, "adaptive", "", a);
         }
         if let (Some(t), Some(h)) = (
             by_name(self, "ingressd-terminate"),
@@ -558,6 +546,55 @@ mod tests {
         let g = Goal::at_most("y".into(), 1.5, 1.0, " KiB");
         assert_eq!(g.status, "over by 50 %");
         assert!(Goal::at_most("z".into(), 0.5, 1.0, "").met);
+    }
+
+    #[test]
+    fn kernel_and_adaptive_targets_get_the_same_bulk_goals() {
+        let target = |name: &str, up: f64, down: f64, cpu: f64| TargetResult {
+            target: name.to_owned(),
+            up_gbit_s: up,
+            down_gbit_s: down,
+            system_cpu_s_per_gb: cpu,
+            ..TargetResult::default()
+        };
+        let report = Report {
+            bench: "peers",
+            date: String::new(),
+            machine: Machine {
+                cpus: 2,
+                model: String::new(),
+                kernel: String::new(),
+                load_1m_at_start: 0.0,
+            },
+            command: String::new(),
+            tls: true,
+            plan: Plan::full(),
+            targets: vec![
+                target("ingressd-kernel", 2.0, 4.0, 1.8),
+                target("ingressd-adaptive", 10.0, 12.0, 1.5),
+                // Not measured in bulk: no bulk goals for it.
+                target("haproxy", 0.0, 0.0, 2.0),
+                target("haproxy-splice", 8.0, 8.0, 1.9),
+            ],
+            lookups: Vec::new(),
+            load_1m_at_end: 0.0,
+        };
+        let bulk: Vec<(String, String)> = report
+            .goals()
+            .into_iter()
+            .filter(|g| g.goal.contains("throughput") || g.goal.contains("CPU/GB"))
+            .map(|g| (g.goal, g.measured))
+            .collect();
+        let want = [
+            ("kernel up throughput ≥ 1.25× haproxy-splice", "0.25×"),
+            ("kernel down throughput ≥ 1.25× haproxy-splice", "0.50×"),
+            ("kernel system CPU/GB ≤ 0.75× haproxy", "0.90×"),
+            ("adaptive up throughput ≥ 1.25× haproxy-splice", "1.25×"),
+            ("adaptive down throughput ≥ 1.25× haproxy-splice", "1.50×"),
+            ("adaptive system CPU/GB ≤ 0.75× haproxy", "0.75×"),
+        ]
+        .map(|(g, m)| (g.to_owned(), m.to_owned()));
+        assert_eq!(bulk, want);
     }
 
     #[test]

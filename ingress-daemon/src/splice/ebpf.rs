@@ -403,6 +403,7 @@ impl KernelPath {
                 call: "dup ring buffer fd",
                 source,
             })?;
+        let slots = dir_slots();
         Ok(Self {
             object: Mutex::new(Some(object)),
             serving: ServingProgram {
@@ -416,8 +417,8 @@ impl KernelPath {
             events_fd,
             dirs,
             events: Mutex::new(Some(events)),
-            free: Mutex::new((0..dir_slots()).collect()),
-            slots: dir_slots(),
+            free: Mutex::new((0..slots).collect()),
+            slots,
             bytes_acked_offset: offset,
         })
     }
@@ -484,6 +485,7 @@ impl KernelPath {
             events: events_fd,
         } = maps;
         let in_use: std::collections::HashSet<DirIndex> = used.iter().copied().collect();
+        let slots = dir_slots();
         Ok(Self {
             object: Mutex::new(object),
             serving,
@@ -493,9 +495,9 @@ impl KernelPath {
             events_fd,
             dirs,
             events: Mutex::new(Some(events)),
-            free: Mutex::new((0..dir_slots()).filter(|d| !in_use.contains(d)).collect()),
+            free: Mutex::new((0..slots).filter(|d| !in_use.contains(d)).collect()),
             // Adopted flows may hold slots beyond a test hook's limit.
-            slots: dir_slots() + in_use.iter().filter(|&&d| d >= dir_slots()).count() as u32,
+            slots: slots + in_use.iter().filter(|&&d| d >= slots).count() as u32,
             bytes_acked_offset,
         })
     }

@@ -330,6 +330,22 @@ fn access_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Waits until `path` holds `n` lines and returns the last one.
+fn nth_line(path: &Path, n: usize) -> Value {
+    wait_for("the access log line", WAIT, || {
+        let lines = access_lines(path);
+        (lines.len() == n).then(|| lines[n - 1].clone())
+    })
+}
+
+/// `ingressd_bytes_total` of ingress `obs` in `direction` on `path`.
+fn bytes(m: &Metrics, direction: &str, path: &str) -> f64 {
+    m.get(
+        "ingressd_bytes_total",
+        &[("ingress", "obs"), ("direction", direction), ("path", path)],
+    )
+}
+
 #[test]
 fn metrics_and_access_log_account_for_every_flow_and_refusal() {
     if !kernel_path_available("metrics_and_access_log_account_for_every_flow_and_refusal") {
@@ -456,12 +472,6 @@ fn metrics_and_access_log_account_for_every_flow_and_refusal() {
     assert!(before.changes(&after, "ingressd_flows_active").is_empty());
 
     // Bytes: exact per direction over both paths; the bulk flow went through the kernel.
-    let bytes = |m: &Metrics, dir, path| {
-        m.get(
-            "ingressd_bytes_total",
-            &[("ingress", "obs"), ("direction", dir), ("path", path)],
-        )
-    };
     for dir in ["client_to_backend", "backend_to_client"] {
         let moved = |path| bytes(&after, dir, path) - bytes(&before, dir, path);
         assert_eq!(
@@ -712,23 +722,12 @@ fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase
     // The defaults: 64 KiB or 50 ms in userspace, then the kernel path.
     let s = setup(&[]);
     let (d, port) = (&s.daemon, s.port);
-    let bytes = |m: &Metrics, dir, path| {
-        m.get(
-            "ingressd_bytes_total",
-            &[("ingress", "obs"), ("direction", dir), ("path", path)],
-        )
-    };
     let moved = |before: &Metrics, after: &Metrics, path| {
         ["client_to_backend", "backend_to_client"]
             .map(|dir| bytes(after, dir, path) - bytes(before, dir, path))
     };
     let lines_now = || access_lines(&s.access_log).len();
-    let last_line = |n: usize| {
-        wait_for("the access log line", WAIT, || {
-            let lines = access_lines(&s.access_log);
-            (lines.len() == n).then(|| lines[n - 1].clone())
-        })
-    };
+    let last_line = |n: usize| nth_line(&s.access_log, n);
 
     // A short flow ends in its first phase: userspace only, never in the kernel's maps.
     let before = d.metrics();
@@ -873,14 +872,6 @@ fn a_flow_starts_in_userspace_and_the_kernel_path_takes_it_after_its_first_phase
     assert_eq!(d.metrics().get("ingressd_sockhash_entries", &[]), 0.0);
 }
 
-/// Waits until `path` holds `n` lines and returns the last one.
-fn nth_line(path: &Path, n: usize) -> Value {
-    wait_for("the access log line", WAIT, || {
-        let lines = access_lines(path);
-        (lines.len() == n).then(|| lines[n - 1].clone())
-    })
-}
-
 /// Opens a passthrough flow and waits until `/flows` lists it on the kernel path.
 fn kernel_flow(d: &Ingressd, port: u16) -> TcpStream {
     let (s, _) = echo_flow(port, "pass.obs.test", 100);
@@ -1014,12 +1005,6 @@ fn with_bulk_flows_in_userspace_only_a_bulk_flow_keeps_the_relay() {
         ("INGRESSD_RELAY_FIRST_MS", "2000"),
     ]);
     let (d, port) = (&s.daemon, s.port);
-    let bytes = |m: &Metrics, dir, path| {
-        m.get(
-            "ingressd_bytes_total",
-            &[("ingress", "obs"), ("direction", dir), ("path", path)],
-        )
-    };
 
     // A bulk flow spends the first phase's 64 KiB in time, in large reads: the relay keeps it,
     // every byte exact, none through the kernel.
