@@ -41,6 +41,9 @@ pub enum Which {
     /// The 6.12 series of bookworm-security.
     #[value(name = "6.12")]
     V6_12,
+    /// The 6.17 series of trixie-backports (kTLS rekeying, 6.14+).
+    #[value(name = "6.17")]
+    V6_17,
     /// Every series.
     All,
 }
@@ -52,6 +55,7 @@ impl Which {
             .filter(|s| match self {
                 Self::V6_1 => s.name == "6.1",
                 Self::V6_12 => s.name == "6.12",
+                Self::V6_17 => s.name == "6.17",
                 Self::All => true,
             })
             .collect()
@@ -92,9 +96,9 @@ const GUEST_MODULES: &[&str] = &[
     "aesni-intel",
     "ghash-clmulni-intel",
     "chacha20poly1305",
-    "chacha_generic",
+    "chacha_generic|chacha",
     "chacha-x86_64",
-    "poly1305_generic",
+    "poly1305_generic|libpoly1305-generic",
     "poly1305-x86_64",
 ];
 

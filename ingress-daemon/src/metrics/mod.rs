@@ -104,6 +104,9 @@ pub struct IngressMetrics {
     relayed: [AtomicU64; 2],
     /// Bytes of terminated flows moved by `splice(2)` between a kTLS socket and the backend.
     ktls_spliced: [AtomicU64; 2],
+    /// TLS 1.3 `KeyUpdate`s whose new keys went into the kernel, by direction (0: the
+    /// client's keys, 1: ours).
+    key_updates: [AtomicU64; 2],
     /// Accept → complete ClientHello.
     pub hello: DurationHistogram,
     /// Complete ClientHello → backend connected (route, resolve, policy, connect).
@@ -131,6 +134,7 @@ impl IngressMetrics {
             ends: zeros(),
             relayed: zeros(),
             ktls_spliced: zeros(),
+            key_updates: zeros(),
             hello: DurationHistogram::new(PHASE_BOUNDS),
             connect: DurationHistogram::new(PHASE_BOUNDS),
             tls_handshake: DurationHistogram::new(PHASE_BOUNDS),
@@ -211,6 +215,13 @@ impl IngressMetrics {
     pub fn on_ktls_spliced(&self, direction: usize, bytes: u64) {
         if let Some(c) = self.ktls_spliced.get(direction) {
             c.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// A kTLS flow took new keys in `direction` (0 = the client's, after its `KeyUpdate`).
+    pub fn on_key_update(&self, direction: usize) {
+        if let Some(c) = self.key_updates.get(direction) {
+            c.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -191,6 +191,27 @@ impl Scrape {
                 }
             }),
         )?;
+        family(
+            e,
+            "ingressd_tls_key_updates",
+            "TLS 1.3 KeyUpdates on terminated kTLS flows whose new keys went into the kernel, \
+             by the direction the keys protect (client_to_backend: the client's KeyUpdate; \
+             backend_to_client: ours, sent when the client asked for it). Kernels before 6.14 \
+             cannot take new keys: there the flow ends as tls_key_update instead.",
+            MetricType::Counter,
+            Self::per_ingress(ing, |m, s| {
+                for (d, direction) in DIRECTIONS.iter().enumerate() {
+                    let v = m
+                        .key_updates
+                        .get(d)
+                        .map_or(0, |c| c.load(Ordering::Relaxed));
+                    s.push((
+                        [("ingress", &*m.name), ("direction", direction)],
+                        Box::new(move |e| counter(e, v)),
+                    ));
+                }
+            }),
+        )?;
         let empty = splice::Usage::default();
         let usage = self.view.as_ref().map_or(&empty, |v| &v.usage);
         family(

@@ -161,7 +161,8 @@ async fn handshake(config: Arc<ServerConfig>, client: TcpStream) -> Result<Sessi
     // bytes through unchanged until keys are set); where it cannot, the flow stays on rustls
     // from the start instead of failing after the handshake.
     if config.enable_secret_extraction && ktls_layer(&client) {
-        let conn = rustls::ServerConnection::new(config).map_err(|e| failed(&e))?;
+        let conn =
+            rustls::server::UnbufferedServerConnection::new(config).map_err(|e| failed(&e))?;
         let done = ktls::handshake(client, conn)
             .await
             .map_err(|e| failed(&e))?;
@@ -312,7 +313,7 @@ pub(super) struct Sides<'a> {
     client_fd: Option<OwnedFd>,
     backend_fd: Option<OwnedFd>,
     pub(super) live: &'a LiveGuard<'a>,
-    counters: &'a IngressMetrics,
+    pub(super) counters: &'a IngressMetrics,
 }
 
 impl Sides<'_> {

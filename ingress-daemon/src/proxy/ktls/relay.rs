@@ -7,11 +7,16 @@
 //! read with `recvmsg` and their `TLS_GET_RECORD_TYPE`:
 //! - `close_notify` ends the client's direction: the backend gets a FIN once everything
 //!   before it is delivered.
-//! - a TLS 1.3 `KeyUpdate`: kernels before 6.14 cannot take new receive keys, and the `tls`
-//!   layer cannot be removed, so the flow ends: what came before it is delivered, the backend
-//!   gets a FIN, the client a `close_notify` and a FIN, and the end is counted as
-//!   `tls_key_update`. Nothing read after it is ever passed on. Rekeying on 6.14+ is not
-//!   implemented.
+//! - a TLS 1.3 `KeyUpdate`: rustls's key schedule (the session's [`KernelConnection`])
+//!   derives the client's next keys and they go in with a second `TLS_RX` (Linux 6.14+: the
+//!   kernel stops decrypting at a `KeyUpdate` until new keys come). When the client asked for
+//!   ours too (`update_requested`), a `KeyUpdate` record goes out under the old keys and the
+//!   next keys follow at once with a second `TLS_TX`, in one step that the other direction
+//!   cannot interleave with (both directions run in one task). Each is counted in
+//!   `ingressd_tls_key_updates_total`. Kernels before 6.14 refuse a second key (`EBUSY`) and
+//!   the `tls` layer cannot be removed, so there the flow ends: what came before it is
+//!   delivered, the backend gets a FIN, the client a `close_notify` and a FIN, and the end is
+//!   counted as `tls_key_update`. Nothing read after it is ever passed on.
 //! - any other alert or handshake message is the client's error: the backend is reset.
 //!
 //! The backend's FIN becomes a `close_notify` alert (`TLS_SET_RECORD_TYPE` 21) and a FIN to
@@ -29,13 +34,14 @@ use tokio::{
     net::TcpStream,
 };
 
+use rustls::{kernel::KernelConnection, server::ServerConnectionData};
 use tracing::{debug, info};
 
-use super::handshake::Installed;
+use super::{CryptoInfo, Version, handshake::Installed};
 use crate::{
     proxy::terminate::{IdleClock, Sides, idle_ticker},
     splice::FlowEnd,
-    sys,
+    sys::{self, TlsDirection},
 };
 
 /// Pipe size asked for per direction by a daemon that may exceed the per-user pipe limit.
@@ -73,6 +79,91 @@ const APPLICATION_DATA: u8 = 23;
 const KEY_UPDATE: u8 = 24;
 /// A warning-level `close_notify` alert.
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// Our `KeyUpdate`: type, 24-bit length 1, `update_not_requested` (RFC 8446 §4.6.3).
+const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [KEY_UPDATE, 0, 0, 1, 0];
+/// `KeyUpdate`s a client may send with no application data between them; more is a flood
+/// (each costs a key derivation and two system calls), and ends the flow.
+const MAX_KEY_UPDATES_IN_A_ROW: u32 = 32;
+
+/// Whether a `KeyUpdate` message asks for ours too, if it is exactly one well-formed message.
+fn key_update_requested(message: &[u8]) -> Option<bool> {
+    match message {
+        [KEY_UPDATE, 0, 0, 1, 0] => Some(false),
+        [KEY_UPDATE, 0, 0, 1, 1] => Some(true),
+        _ => None,
+    }
+}
+
+/// The session's key schedule, and what the kernel made of it.
+struct Keys {
+    schedule: KernelConnection<ServerConnectionData>,
+    version: Version,
+    /// `KeyUpdate`s since the client last sent application data.
+    in_a_row: u32,
+}
+
+/// Why new keys did not go in.
+enum Rekey {
+    /// The kernel takes one key per direction (before Linux 6.14: `EBUSY`).
+    Unsupported,
+    /// The client must not send this `KeyUpdate`: outside TLS 1.3, or one of a flood.
+    Refused(io::Error),
+    /// The kernel failed to take keys it takes.
+    Failed(io::Error),
+}
+
+impl Keys {
+    /// The next keys of one direction, from rustls's key schedule.
+    fn next(&mut self, direction: TlsDirection) -> Result<CryptoInfo, Rekey> {
+        let next = match direction {
+            TlsDirection::Receive => self.schedule.update_rx_secret(),
+            TlsDirection::Transmit => self.schedule.update_tx_secret(),
+        };
+        let (seq, secrets) = next.map_err(|e| {
+            Rekey::Refused(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        })?;
+        CryptoInfo::from_secrets(self.version, &secrets, seq)
+            .map_err(|e| Rekey::Failed(io::Error::other(e.to_string())))
+    }
+
+    /// Takes the client's `KeyUpdate` (the record just read): its next keys go into the
+    /// kernel's receive side.
+    fn receive(&mut self, client: &TcpStream) -> Result<(), Rekey> {
+        self.in_a_row += 1;
+        if self.in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+            return Err(Rekey::Refused(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a flood of KeyUpdates with no data between them",
+            )));
+        }
+        let info = self.next(TlsDirection::Receive)?;
+        sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Receive, info.as_bytes()).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::EBUSY) => Rekey::Unsupported,
+                _ => Rekey::Failed(e),
+            },
+        )
+    }
+
+    /// Answers a `KeyUpdate` that asked for ours: our `KeyUpdate` under the old keys, then the
+    /// next keys on the kernel's transmit side, with nothing sent between the two.
+    async fn answer(&mut self, client: &TcpStream) -> Result<(), Rekey> {
+        let info = self.next(TlsDirection::Transmit)?;
+        client
+            .async_io(Interest::WRITABLE, || {
+                let sent =
+                    sys::send_tls_record(client.as_fd(), HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
+                if sent != KEY_UPDATE_NOT_REQUESTED.len() {
+                    return Err(io::Error::other("KeyUpdate record sent in part"));
+                }
+                // Never `WouldBlock` from here on: a retry would send the record twice.
+                sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())
+                    .map_err(|e| io::Error::other(format!("new transmit keys: {e}")))
+            })
+            .await
+            .map_err(Rekey::Failed)
+    }
+}
 
 struct Pipe {
     r: OwnedFd,
@@ -105,6 +196,8 @@ enum Failed {
     Read(io::Error),
     /// Writing the destination failed.
     Write(io::Error),
+    /// New keys after a `KeyUpdate` could not go in.
+    Rekey(io::Error),
 }
 
 /// Relays an installed kTLS flow until both directions end; returns how it ended.
@@ -117,8 +210,14 @@ pub async fn relay(
     let Installed {
         sock: client,
         early,
-        ..
+        params: (version, _),
+        keys,
     } = installed;
+    let mut keys = Keys {
+        schedule: keys,
+        version,
+        in_a_row: 0,
+    };
     if !early.is_empty() {
         // Plaintext rustls decrypted before the keys moved: it goes first.
         if backend.write_all(&early).await.is_err() {
@@ -132,7 +231,7 @@ pub async fn relay(
         reset(&backend);
         return FlowEnd::KernelError;
     };
-    let up = client_to_backend(&client, &backend, &up_pipe, sides);
+    let up = client_to_backend(&client, &backend, &up_pipe, sides, &mut keys);
     let down = backend_to_client(&backend, &client, &down_pipe, sides);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
@@ -165,6 +264,12 @@ pub async fn relay(
                     reset(&client);
                     return FlowEnd::BackendReset;
                 }
+                Err(Failed::Rekey(e)) => {
+                    info!(error = %e, "new kernel tls keys after a KeyUpdate failed");
+                    reset(&client);
+                    reset(&backend);
+                    return FlowEnd::KernelError;
+                }
             },
             r = &mut down, if !down_done => match r {
                 Ok(_) => down_done = true,
@@ -177,6 +282,12 @@ pub async fn relay(
                     debug!(error = %e, "writing the kernel tls socket failed");
                     reset(&backend);
                     return FlowEnd::ClientReset;
+                }
+                Err(Failed::Rekey(e)) => {
+                    info!(error = %e, "new kernel tls keys failed");
+                    reset(&client);
+                    reset(&backend);
+                    return FlowEnd::KernelError;
                 }
             },
         }
@@ -204,6 +315,7 @@ async fn client_to_backend(
     backend: &TcpStream,
     pipe: &Pipe,
     sides: &Sides<'_>,
+    keys: &mut Keys,
 ) -> Result<Stopped, Failed> {
     let mut record: Vec<u8> = Vec::new();
     loop {
@@ -218,9 +330,12 @@ async fn client_to_backend(
                 sys::shutdown_write(backend.as_fd()).map_err(Failed::Write)?;
                 return Ok(Stopped::Ended);
             }
-            Ok(n) => drain(pipe, n, backend, |n| sides.count_kernel(0, n))
-                .await
-                .map_err(Failed::Write)?,
+            Ok(n) => {
+                keys.in_a_row = 0;
+                drain(pipe, n, backend, |n| sides.count_kernel(0, n))
+                    .await
+                    .map_err(Failed::Write)?;
+            }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) => {
                 // Not application data next: read that one record.
                 if record.is_empty() {
@@ -242,8 +357,31 @@ async fn client_to_backend(
                         sys::shutdown_write(backend.as_fd()).map_err(Failed::Write)?;
                         return Ok(Stopped::Ended);
                     }
-                    (HANDSHAKE, [KEY_UPDATE, ..]) => return Ok(Stopped::KeyUpdate),
+                    (HANDSHAKE, message @ [KEY_UPDATE, ..]) => {
+                        let requested = key_update_requested(message).ok_or_else(|| {
+                            Failed::Read(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "malformed KeyUpdate",
+                            ))
+                        })?;
+                        match keys.receive(client) {
+                            Ok(()) => sides.counters.on_key_update(0),
+                            Err(Rekey::Unsupported) => return Ok(Stopped::KeyUpdate),
+                            Err(Rekey::Refused(e)) => return Err(Failed::Read(e)),
+                            Err(Rekey::Failed(e)) => return Err(Failed::Rekey(e)),
+                        }
+                        if requested {
+                            match keys.answer(client).await {
+                                Ok(()) => sides.counters.on_key_update(1),
+                                Err(Rekey::Unsupported) => return Ok(Stopped::KeyUpdate),
+                                Err(Rekey::Refused(e)) => return Err(Failed::Read(e)),
+                                Err(Rekey::Failed(e)) => return Err(Failed::Rekey(e)),
+                            }
+                        }
+                        debug!(requested, "kernel tls keys updated");
+                    }
                     (APPLICATION_DATA, data) => {
+                        keys.in_a_row = 0;
                         // The kernel handed data to recvmsg after all: pass it on (counted as
                         // relayed, since it crossed userspace).
                         write_all(backend, data).await.map_err(Failed::Write)?;
@@ -323,4 +461,23 @@ async fn close_notify(client: &TcpStream) -> io::Result<()> {
         })
         .await?;
     sys::shutdown_write(client.as_fd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_key_update_message_is_taken() {
+        assert_eq!(key_update_requested(&[KEY_UPDATE, 0, 0, 1, 0]), Some(false));
+        assert_eq!(key_update_requested(&[KEY_UPDATE, 0, 0, 1, 1]), Some(true));
+        // An unknown request value, a wrong length, a truncated or a trailing message.
+        assert_eq!(key_update_requested(&[KEY_UPDATE, 0, 0, 1, 2]), None);
+        assert_eq!(key_update_requested(&[KEY_UPDATE, 0, 0, 2, 0, 0]), None);
+        assert_eq!(key_update_requested(&[KEY_UPDATE, 0, 0, 1]), None);
+        assert_eq!(
+            key_update_requested(&[KEY_UPDATE, 0, 0, 1, 0, KEY_UPDATE, 0, 0, 1, 0]),
+            None
+        );
+    }
 }
