@@ -112,6 +112,17 @@ enum Rekey {
     Failed(io::Error),
 }
 
+impl From<Rekey> for Failed {
+    fn from(r: Rekey) -> Self {
+        match r {
+            Rekey::Refused(e) => Self::Read(e),
+            Rekey::Failed(e) => Self::Rekey(e),
+            // Only a first new key can meet a kernel that takes none.
+            Rekey::Unsupported => Self::Rekey(io::Error::other("the kernel takes no new keys")),
+        }
+    }
+}
+
 impl Keys {
     /// The next keys of one direction, from rustls's key schedule.
     fn next(&mut self, direction: TlsDirection) -> Result<CryptoInfo, Rekey> {
@@ -146,8 +157,9 @@ impl Keys {
     }
 
     /// Answers a `KeyUpdate` that asked for ours: our `KeyUpdate` under the old keys, then the
-    /// next keys on the kernel's transmit side, with nothing sent between the two.
-    async fn answer(&mut self, client: &TcpStream) -> Result<(), Rekey> {
+    /// next keys on the kernel's transmit side, with nothing sent between the two. (The
+    /// kernel took the client's new keys just before, so it takes ours.)
+    async fn answer(&mut self, client: &TcpStream) -> Result<(), Failed> {
         let info = self.next(TlsDirection::Transmit)?;
         client
             .async_io(Interest::WRITABLE, || {
@@ -161,7 +173,7 @@ impl Keys {
                     .map_err(|e| io::Error::other(format!("new transmit keys: {e}")))
             })
             .await
-            .map_err(Rekey::Failed)
+            .map_err(Failed::Rekey)
     }
 }
 
@@ -278,16 +290,11 @@ pub async fn relay(
                     reset(&client);
                     return FlowEnd::BackendReset;
                 }
-                Err(Failed::Write(e)) => {
+                // This direction never rekeys: `client_to_backend` answers KeyUpdates.
+                Err(Failed::Write(e) | Failed::Rekey(e)) => {
                     debug!(error = %e, "writing the kernel tls socket failed");
                     reset(&backend);
                     return FlowEnd::ClientReset;
-                }
-                Err(Failed::Rekey(e)) => {
-                    info!(error = %e, "new kernel tls keys failed");
-                    reset(&client);
-                    reset(&backend);
-                    return FlowEnd::KernelError;
                 }
             },
         }
@@ -367,16 +374,11 @@ async fn client_to_backend(
                         match keys.receive(client) {
                             Ok(()) => sides.counters.on_key_update(0),
                             Err(Rekey::Unsupported) => return Ok(Stopped::KeyUpdate),
-                            Err(Rekey::Refused(e)) => return Err(Failed::Read(e)),
-                            Err(Rekey::Failed(e)) => return Err(Failed::Rekey(e)),
+                            Err(other) => return Err(other.into()),
                         }
                         if requested {
-                            match keys.answer(client).await {
-                                Ok(()) => sides.counters.on_key_update(1),
-                                Err(Rekey::Unsupported) => return Ok(Stopped::KeyUpdate),
-                                Err(Rekey::Refused(e)) => return Err(Failed::Read(e)),
-                                Err(Rekey::Failed(e)) => return Err(Failed::Rekey(e)),
-                            }
+                            keys.answer(client).await?;
+                            sides.counters.on_key_update(1);
                         }
                         debug!(requested, "kernel tls keys updated");
                     }
