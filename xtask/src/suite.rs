@@ -15,8 +15,9 @@
 //! [`crate::schema`]).
 //!
 //! # Kernel matrix
-//! After the host's tests, the splice engine's tests run again on Debian's 6.1 and 6.12 kernels
-//! under qemu ([`crate::vmtest`]), preceded by a check that a failing guest fails the step.
+//! After the host's tests, the splice engine's tests run again on Debian's 6.1, 6.12 and 6.17
+//! kernels under qemu ([`crate::vmtest`]), preceded by a check that a failing guest fails the
+//! step.
 use std::{env, fs, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, Result};

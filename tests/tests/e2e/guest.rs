@@ -1,9 +1,10 @@
-//! The end-to-end test the kernel matrix also runs inside its Debian 6.1 and 6.12 guests: the
-//! real daemon on the kernel path, configured over its API, with Rust peers only (the guests
-//! carry no `openssl` or `curl`). Passthrough to a rustls echo server, and terminate to a plain
-//! echo server with the certificate held by the daemon; every byte checked, and the passthrough
-//! bytes counted on the kernel path. The takeover sequence (a successor taking spliced flows
-//! over, one by a build with a different verdict program, and one dying halfway) runs here too. `ktls`: terminated flows on kernel TLS.
+//! The end-to-end test the kernel matrix also runs inside its Debian 6.1, 6.12 and 6.17
+//! guests: the real daemon on the kernel path, configured over its API, with Rust peers only
+//! (the guests carry no `openssl` or `curl`). Passthrough to a rustls echo server, and
+//! terminate to a plain echo server with the certificate held by the daemon; every byte
+//! checked, and the passthrough bytes counted on the kernel path. The takeover sequence (a
+//! successor taking spliced flows over, one by a build with a different verdict program, and
+//! one dying halfway) runs here too. `ktls`: terminated flows on kernel TLS.
 
 mod ktls;
 

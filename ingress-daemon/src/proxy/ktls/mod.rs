@@ -6,7 +6,7 @@
 //! socket that does not take the layer keeps the rustls relay.
 //!
 //! Where it applies: kernels with `CONFIG_TLS` and the AEAD's crypto modules (Debian's stock
-//! 6.1 and 6.12: the `tls` module plus `gcm`/`aesni`/`ghash`; `tls` alone fails `TLS_TX` with
+//! 6.1, 6.12 and 6.17: the `tls` module plus `gcm`/`aesni`/`ghash`; `tls` alone fails `TLS_TX` with
 //! `ENOENT`). [`Support::probe`] runs once at start-up and installs a throw-away key for each
 //! version and cipher on a loopback pair, so a flow only takes this path with a combination the
 //! kernel has accepted; the server configurations then offer only those cipher suites, so

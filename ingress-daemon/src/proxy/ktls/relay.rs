@@ -3,7 +3,7 @@
 //! readiness on the two sockets. The bytes stay in the kernel (the pipe holds page
 //! references); userspace only learns how many moved.
 //!
-//! Records that are not application data stop `splice` (`EINVAL`; Linux 6.1 and 6.12) and are
+//! Records that are not application data stop `splice` (`EINVAL`; Linux 6.1, 6.12 and 6.17) and are
 //! read with `recvmsg` and their `TLS_GET_RECORD_TYPE`:
 //! - `close_notify` ends the client's direction: the backend gets a FIN once everything
 //!   before it is delivered.
