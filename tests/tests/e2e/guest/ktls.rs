@@ -124,6 +124,18 @@ impl Setup {
         )
     }
 
+    /// Key updates whose keys went into the kernel, in `direction`.
+    fn key_updates(&self, direction: &str) -> f64 {
+        metric(
+            &self.api,
+            "ingressd_tls_key_updates_total",
+            &[
+                &format!("ingress=\"{}\"", self.name),
+                &format!("direction=\"{direction}\""),
+            ],
+        )
+    }
+
     /// The live terminated flows of this ingress in `/flows`.
     fn live_flows(&self) -> Vec<Value> {
         let flows = self.api.get("/flows?limit=1000").unwrap();
@@ -280,7 +292,14 @@ fn every_cipher_suite_the_kernel_takes_carries_a_flow() {
     {
         let spec = BulkSpec::both_ways(bytes, 0x5u64 << 32 | i as u64);
         let on_path = s.bytes(s.path(), "backend_to_client");
-        let (client, server, entry) = s.exchange(suite, &spec, None);
+        // Where the kernel rekeys, each TLS 1.3 suite takes a KeyUpdate halfway: the next keys
+        // of every AEAD go in as the first did.
+        let rekey = i < 3 && s.ktls && kernel_rekeys();
+        let updates = [
+            s.key_updates("client_to_backend"),
+            s.key_updates("backend_to_client"),
+        ];
+        let (client, server, entry) = s.exchange(suite, &spec, rekey.then_some(bytes / 2));
         if let Some(entry) = entry {
             assert_eq!(entry["path"], json!(s.path()), "{suite:?}: {entry}");
         }
@@ -297,6 +316,14 @@ fn every_cipher_suite_the_kernel_takes_carries_a_flow() {
             "{suite:?}: carried on {}",
             s.path()
         );
+        if rekey {
+            assert_eq!(client.key_update_at, Some(bytes / 2), "{suite:?}");
+            let moved = [
+                s.key_updates("client_to_backend") - updates[0],
+                s.key_updates("backend_to_client") - updates[1],
+            ];
+            assert_eq!(moved, [1.0, 1.0], "{suite:?}: new keys each way");
+        }
     }
     drop(s.daemon);
 }
@@ -407,16 +434,7 @@ fn a_client_key_update_takes_new_kernel_keys_or_ends_the_flow_cleanly_where_it_c
     } else {
         BulkSpec::both_ways(total, 0x6b75)
     };
-    let key_update = |direction: &str| {
-        metric(
-            &s.api,
-            "ingressd_tls_key_updates_total",
-            &[
-                &format!("ingress=\"{}\"", s.name),
-                &format!("direction=\"{direction}\""),
-            ],
-        )
-    };
+    let key_update = |direction: &str| s.key_updates(direction);
     let relayed_before = [
         s.bytes("userspace", "client_to_backend"),
         s.bytes("userspace", "backend_to_client"),
