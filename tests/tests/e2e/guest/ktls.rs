@@ -427,12 +427,18 @@ fn a_client_key_update_takes_new_kernel_keys_or_ends_the_flow_cleanly_where_it_c
     let prefix = 4u64 << 20;
     let total = prefix + (4 << 20);
     // Where the flow survives the KeyUpdate, data flows both ways across it: the daemon's
-    // answering KeyUpdate and new transmit keys land in the middle of the down stream. Where it
-    // ends, only the client sends (the backend would see its writes cut off).
+    // answering KeyUpdate and new transmit keys land in the middle of the down stream, which is
+    // four times the up stream so that it is still running then (with both streams the same
+    // size, the down stream could end before the KeyUpdate and a wrong transmit key go
+    // unnoticed). Where the flow ends, only the client sends (the backend would see its writes
+    // cut off).
     let spec = if s.ktls && !rekeys {
         BulkSpec::upload(total, 0x6b75)
     } else {
-        BulkSpec::both_ways(total, 0x6b75)
+        BulkSpec {
+            down_bytes: 4 * total,
+            ..BulkSpec::both_ways(total, 0x6b75)
+        }
     };
     let key_update = |direction: &str| s.key_updates(direction);
     let relayed_before = [
@@ -461,7 +467,7 @@ fn a_client_key_update_takes_new_kernel_keys_or_ends_the_flow_cleanly_where_it_c
             client.received.problem()
         );
         assert!(client.close_notify, "{client:?}");
-        side.check(total).unwrap();
+        side.check(spec.down_bytes).unwrap();
         assert_eq!(side.received.sha256, client.sent_sha256);
         assert_eq!(key_update("client_to_backend"), 1.0);
         assert_eq!(key_update("backend_to_client"), 1.0);
@@ -490,7 +496,7 @@ fn a_client_key_update_takes_new_kernel_keys_or_ends_the_flow_cleanly_where_it_c
         assert_eq!(key_update("client_to_backend"), 0.0);
     } else {
         // The rustls relay takes the new keys: the whole streams arrive.
-        side.check(total).unwrap();
+        side.check(spec.down_bytes).unwrap();
         assert!(
             client.received.is_exact(),
             "{:?}",
