@@ -196,8 +196,9 @@ impl Scrape {
             "ingressd_tls_key_updates",
             "TLS 1.3 KeyUpdates on terminated kTLS flows whose new keys went into the kernel, \
              by the direction the keys protect (client_to_backend: the client's KeyUpdate; \
-             backend_to_client: ours, sent when the client asked for it). Kernels before 6.14 \
-             cannot take new keys: there the flow ends as tls_key_update instead.",
+             backend_to_client: ours, sent when the client asked for it or after half the \
+             suite's usage limit). Kernels before 6.14 cannot take new keys: there a \
+             client's KeyUpdate ends the flow as tls_key_update instead.",
             MetricType::Counter,
             Self::per_ingress(ing, |m, s| {
                 for (d, direction) in DIRECTIONS.iter().enumerate() {

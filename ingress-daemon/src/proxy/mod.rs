@@ -143,6 +143,7 @@ impl DataPlane {
         tracing::info!(
             ktls_available = ktls.available(),
             ktls_ciphers = ?ktls.names(),
+            ktls_rekey = ktls.rekeys(),
             splice_path = engine.path().as_str(),
             terminated_path = if ktls.available() { "ktls_splice" } else { "userspace" },
             "data path ready"

@@ -270,6 +270,7 @@ impl ReadinessProbe for DataPlane {
                 "ebpf_unavailable_reason": engine.kernel_unavailable_reason(),
                 "ktls_available": self.inner.ktls.available(),
                 "ktls_ciphers": self.inner.ktls.names(),
+                "ktls_rekey": self.inner.ktls.rekeys(),
                 "terminated_flows_path": if self.inner.ktls.available() {
                     FlowPath::KtlsSplice.as_str()
                 } else {

@@ -236,6 +236,27 @@ pub struct Installed {
     pub params: (Version, super::Cipher),
     /// rustls's key schedule, for the keys that follow a `KeyUpdate`.
     pub keys: KernelConnection<ServerConnectionData>,
+    /// Records the daemon sends under one key before it updates its own (TLS 1.3 where the
+    /// kernel rekeys, for suites with a usage limit: AES-GCM); `None`: never.
+    pub records_per_key: Option<u64>,
+}
+
+/// Environment variable of a test-only hook: the records per key after which the daemon
+/// updates its own keys (instead of half the suite's limit), so a test can see it happen.
+pub const TEST_RECORDS_PER_KEY_ENV: &str = "INGRESSD_TEST_KTLS_RECORDS_PER_KEY";
+
+/// When the daemon updates its own keys: at half the suite's usage limit (rustls counts 2^24
+/// full records for AES-GCM, so every 2^23 records, about 137 GB), never for a suite without
+/// one (ChaCha20-Poly1305: `u64::MAX`).
+fn records_per_key(confidentiality_limit: u64) -> Option<u64> {
+    static HOOK: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let hook = *HOOK.get_or_init(|| {
+        std::env::var(TEST_RECORDS_PER_KEY_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|n| *n > 0)
+    });
+    hook.or((confidentiality_limit != u64::MAX).then_some(confidentiality_limit / 2))
 }
 
 /// Moves the session's keys into the kernel, on a socket that has its TLS layer already (see
@@ -265,11 +286,16 @@ pub fn install(h: Handshaken, support: &Support) -> Result<Installed, InstallErr
         .map_err(kernel("tx key"))?;
     sys::set_tls_crypto_info(sock.as_fd(), TlsDirection::Receive, rx.as_bytes())
         .map_err(kernel("rx key"))?;
+    let records_per_key = (support.rekeys() && version == Version::Tls13)
+        .then(|| keys.negotiated_cipher_suite().tls13())
+        .flatten()
+        .and_then(|suite| records_per_key(suite.common.confidentiality_limit));
     Ok(Installed {
         sock,
         early,
         params: (version, cipher),
         keys,
+        records_per_key,
     })
 }
 

@@ -63,6 +63,8 @@ pub fn suite_params(suite: CipherSuite) -> Option<(Version, Cipher)> {
 pub struct Support {
     /// Version and cipher pairs whose keys the kernel accepted in both directions.
     pairs: Vec<(Version, Cipher)>,
+    /// Whether the kernel replaces a TLS 1.3 key on a live socket (Linux 6.14+).
+    rekey: bool,
 }
 
 impl Support {
@@ -92,7 +94,22 @@ impl Support {
                 }
             }
         }
-        Ok(Self { pairs })
+        let rekey = pairs
+            .iter()
+            .find(|(v, _)| *v == Version::Tls13)
+            .is_some_and(|(_, cipher)| match probe_rekey(*cipher) {
+                Ok(()) => true,
+                Err(err) => {
+                    debug!(error = %err, "kernel tls keeps its first key (no rekeying)");
+                    false
+                }
+            });
+        Ok(Self { pairs, rekey })
+    }
+
+    /// Whether the kernel takes new TLS 1.3 keys on a live socket, after a `KeyUpdate`.
+    pub fn rekeys(&self) -> bool {
+        self.rekey
     }
 
     /// Whether any version and cipher can be installed.
@@ -128,6 +145,22 @@ impl Support {
         provider.cipher_suites.retain(|s| self.supports_suite(*s));
         (!provider.cipher_suites.is_empty()).then(|| Arc::new(provider))
     }
+}
+
+/// A second TLS 1.3 transmit key on a socket that has one: `EBUSY` before Linux 6.14.
+fn probe_rekey(cipher: Cipher) -> io::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let _server = listener.accept()?;
+    let key = [0u8; 32];
+    let key = key
+        .get(..if cipher == Cipher::Aes128Gcm { 16 } else { 32 })
+        .unwrap_or_default();
+    let info =
+        CryptoInfo::new(Version::Tls13, cipher, key, &[0; 12], 0).map_err(io::Error::other)?;
+    sys::set_tls_ulp(client.as_fd())?;
+    sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())?;
+    sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())
 }
 
 fn probe_pair(version: Version, cipher: Cipher) -> io::Result<()> {
@@ -175,6 +208,7 @@ mod tests {
                 (Version::Tls13, Cipher::Aes128Gcm),
                 (Version::Tls12, Cipher::Aes256Gcm),
             ],
+            rekey: false,
         };
         let provider = support.provider().unwrap();
         let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();

@@ -12,8 +12,9 @@
 //!   kernel stops decrypting at a `KeyUpdate` until new keys come). When the client asked for
 //!   ours too (`update_requested`), a `KeyUpdate` record goes out under the old keys and the
 //!   next keys follow at once with a second `TLS_TX`, in one step that the other direction
-//!   cannot interleave with (both directions run in one task). Each is counted in
-//!   `ingressd_tls_key_updates_total`. Kernels before 6.14 refuse a second key (`EBUSY`) and
+//!   cannot interleave with (both directions run in one task). The daemon updates its own keys
+//!   the same way after half the suite's usage limit of records (the kernel counts none).
+//!   Each is counted in `ingressd_tls_key_updates_total`. Kernels before 6.14 refuse a second key (`EBUSY`) and
 //!   the `tls` layer cannot be removed, so there the flow ends: what came before it is
 //!   delivered, the backend gets a FIN, the client a `close_notify` and a FIN, and the end is
 //!   counted as `tls_key_update`. Nothing read after it is ever passed on.
@@ -26,6 +27,10 @@
 use std::{
     io,
     os::fd::{AsFd as _, OwnedFd},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -68,6 +73,9 @@ fn pipe_bytes() -> Option<usize> {
     })
 }
 
+/// Plaintext bytes a TLS record holds at most.
+const MAX_RECORD_PLAINTEXT: u64 = 1 << 14;
+
 /// Room for one record read with `recvmsg`: 2^14 plaintext bytes and some slack.
 const RECORD_BUFFER_BYTES: usize = (1 << 14) + 256;
 
@@ -94,12 +102,15 @@ fn key_update_requested(message: &[u8]) -> Option<bool> {
     }
 }
 
-/// The session's key schedule, and what the kernel made of it.
+/// The session's key schedule, shared by both directions (one task drives both, so the lock
+/// is never contended; it is never held across an `await`).
 struct Keys {
     schedule: KernelConnection<ServerConnectionData>,
     version: Version,
-    /// `KeyUpdate`s since the client last sent application data.
-    in_a_row: u32,
+}
+
+fn lock(keys: &Mutex<Keys>) -> MutexGuard<'_, Keys> {
+    keys.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Why new keys did not go in.
@@ -140,13 +151,6 @@ impl Keys {
     /// Takes the client's `KeyUpdate` (the record just read): its next keys go into the
     /// kernel's receive side.
     fn receive(&mut self, client: &TcpStream) -> Result<(), Rekey> {
-        self.in_a_row += 1;
-        if self.in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
-            return Err(Rekey::Refused(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a flood of KeyUpdates with no data between them",
-            )));
-        }
         let info = self.next(TlsDirection::Receive)?;
         sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Receive, info.as_bytes()).map_err(
             |e| match e.raw_os_error() {
@@ -155,26 +159,31 @@ impl Keys {
             },
         )
     }
+}
 
-    /// Answers a `KeyUpdate` that asked for ours: our `KeyUpdate` under the old keys, then the
-    /// next keys on the kernel's transmit side, with nothing sent between the two. (The
-    /// kernel took the client's new keys just before, so it takes ours.)
-    async fn answer(&mut self, client: &TcpStream) -> Result<(), Failed> {
-        let info = self.next(TlsDirection::Transmit)?;
-        client
-            .async_io(Interest::WRITABLE, || {
-                let sent =
-                    sys::send_tls_record(client.as_fd(), HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
-                if sent != KEY_UPDATE_NOT_REQUESTED.len() {
-                    return Err(io::Error::other("KeyUpdate record sent in part"));
-                }
-                // Never `WouldBlock` from here on: a retry would send the record twice.
-                sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())
-                    .map_err(|e| io::Error::other(format!("new transmit keys: {e}")))
-            })
-            .await
-            .map_err(Failed::Rekey)
-    }
+/// Updates the daemon's own keys: a `KeyUpdate` record under the old keys, then the next keys
+/// on the kernel's transmit side, both in one synchronous step of the task that drives both
+/// directions, so no record goes out between the two. The next keys are derived only once the
+/// record is out (a `WouldBlock` before it retries the whole step).
+async fn update_own_keys(client: &TcpStream, keys: &Mutex<Keys>) -> Result<(), Failed> {
+    client
+        .async_io(Interest::WRITABLE, || {
+            let sent = sys::send_tls_record(client.as_fd(), HANDSHAKE, &KEY_UPDATE_NOT_REQUESTED)?;
+            if sent != KEY_UPDATE_NOT_REQUESTED.len() {
+                return Err(io::Error::other("KeyUpdate record sent in part"));
+            }
+            // Never `WouldBlock` from here on: a retry would send the record twice.
+            let info = lock(keys)
+                .next(TlsDirection::Transmit)
+                .map_err(|e| match e {
+                    Rekey::Refused(e) | Rekey::Failed(e) => io::Error::other(e.to_string()),
+                    Rekey::Unsupported => io::Error::other("no new transmit keys"),
+                })?;
+            sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())
+                .map_err(|e| io::Error::other(format!("new transmit keys: {e}")))
+        })
+        .await
+        .map_err(Failed::Rekey)
 }
 
 struct Pipe {
@@ -224,12 +233,12 @@ pub async fn relay(
         early,
         params: (version, _),
         keys,
+        records_per_key,
     } = installed;
-    let mut keys = Keys {
+    let keys = Mutex::new(Keys {
         schedule: keys,
         version,
-        in_a_row: 0,
-    };
+    });
     if !early.is_empty() {
         // Plaintext rustls decrypted before the keys moved: it goes first.
         if backend.write_all(&early).await.is_err() {
@@ -243,8 +252,8 @@ pub async fn relay(
         reset(&backend);
         return FlowEnd::KernelError;
     };
-    let up = client_to_backend(&client, &backend, &up_pipe, sides, &mut keys);
-    let down = backend_to_client(&backend, &client, &down_pipe, sides);
+    let up = client_to_backend(&client, &backend, &up_pipe, sides, &keys);
+    let down = backend_to_client(&backend, &client, &down_pipe, sides, &keys, records_per_key);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let mut ticker = idle_ticker(idle_timeout);
@@ -322,9 +331,11 @@ async fn client_to_backend(
     backend: &TcpStream,
     pipe: &Pipe,
     sides: &Sides<'_>,
-    keys: &mut Keys,
+    keys: &Mutex<Keys>,
 ) -> Result<Stopped, Failed> {
     let mut record: Vec<u8> = Vec::new();
+    // `KeyUpdate`s since the client last sent application data.
+    let mut in_a_row = 0u32;
     loop {
         let filled = client
             .async_io(Interest::READABLE, || {
@@ -338,7 +349,7 @@ async fn client_to_backend(
                 return Ok(Stopped::Ended);
             }
             Ok(n) => {
-                keys.in_a_row = 0;
+                in_a_row = 0;
                 drain(pipe, n, backend, |n| sides.count_kernel(0, n))
                     .await
                     .map_err(Failed::Write)?;
@@ -371,19 +382,28 @@ async fn client_to_backend(
                                 "malformed KeyUpdate",
                             ))
                         })?;
-                        match keys.receive(client) {
+                        in_a_row += 1;
+                        if in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+                            return Err(Failed::Read(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "a flood of KeyUpdates with no data between them",
+                            )));
+                        }
+                        let taken = lock(keys).receive(client);
+                        match taken {
                             Ok(()) => sides.counters.on_key_update(0),
                             Err(Rekey::Unsupported) => return Ok(Stopped::KeyUpdate),
                             Err(other) => return Err(other.into()),
                         }
                         if requested {
-                            keys.answer(client).await?;
+                            // The kernel took the client's new keys just before: it takes ours.
+                            update_own_keys(client, keys).await?;
                             sides.counters.on_key_update(1);
                         }
                         debug!(requested, "kernel tls keys updated");
                     }
                     (APPLICATION_DATA, data) => {
-                        keys.in_a_row = 0;
+                        in_a_row = 0;
                         // The kernel handed data to recvmsg after all: pass it on (counted as
                         // relayed, since it crossed userspace).
                         write_all(backend, data).await.map_err(Failed::Write)?;
@@ -402,13 +422,19 @@ async fn client_to_backend(
     }
 }
 
-/// Backend → client (kTLS transmit).
+/// Backend → client (kTLS transmit). With `records_per_key`, the daemon updates its own keys
+/// each time it has sent about that many records under one key (at most 2^14 bytes each; a
+/// splice into a kTLS socket closes its last record, so a call of `n` bytes makes
+/// ⌈n / 2^14⌉).
 async fn backend_to_client(
     backend: &TcpStream,
     client: &TcpStream,
     pipe: &Pipe,
     sides: &Sides<'_>,
+    keys: &Mutex<Keys>,
+    records_per_key: Option<u64>,
 ) -> Result<Stopped, Failed> {
+    let records = AtomicU64::new(0);
     loop {
         let n = backend
             .async_io(Interest::READABLE, || {
@@ -420,9 +446,17 @@ async fn backend_to_client(
             close_notify(client).await.map_err(Failed::Write)?;
             return Ok(Stopped::Ended);
         }
-        drain(pipe, n, client, |n| sides.count_kernel(1, n))
-            .await
-            .map_err(Failed::Write)?;
+        drain(pipe, n, client, |n| {
+            sides.count_kernel(1, n);
+            records.fetch_add(n.div_ceil(MAX_RECORD_PLAINTEXT), Ordering::Relaxed);
+        })
+        .await
+        .map_err(Failed::Write)?;
+        if records_per_key.is_some_and(|limit| records.load(Ordering::Relaxed) >= limit) {
+            update_own_keys(client, keys).await?;
+            records.store(0, Ordering::Relaxed);
+            sides.counters.on_key_update(1);
+        }
     }
 }
 

@@ -55,11 +55,20 @@ struct Setup {
 const SNI: &str = "bulk.ktls.test";
 
 fn setup(name: &'static str) -> Setup {
-    let daemon = Daemon::start().expect("ingressd starts");
+    setup_on(name, Daemon::start().expect("ingressd starts"))
+}
+
+fn setup_on(name: &'static str, daemon: Daemon) -> Setup {
     let api = daemon.api().unwrap();
     let ready = api.readyz().unwrap();
     let detail = &ready.body["components"]["data_path"]["detail"];
     let ktls = detail["ktls_available"] == json!(true);
+    assert_eq!(
+        detail["ktls_rekey"],
+        json!(ktls && kernel_rekeys()),
+        "the start-up probe finds rekeying where the kernel has it: {}",
+        ready.text
+    );
     let gauge = metric(&api, "ingressd_ktls_available", &[]);
     assert_eq!(gauge, if ktls { 1.0 } else { 0.0 }, "{}", ready.text);
     if ktls_expected() {
@@ -510,5 +519,57 @@ fn a_client_key_update_takes_new_kernel_keys_or_ends_the_flow_cleanly_where_it_c
             "only kernel keys are counted"
         );
     }
+    drop(s.daemon);
+}
+
+#[test]
+fn the_daemon_updates_its_own_keys_after_so_many_records_where_the_kernel_rekeys() {
+    // Every 64 records instead of every 2^23: a 4 MiB down stream (at least 256 records)
+    // crosses several updates.
+    let daemon = Daemon::builder()
+        .env("INGRESSD_TEST_KTLS_RECORDS_PER_KEY", "64")
+        .start()
+        .expect("ingressd starts");
+    let s = setup_on("ktls-own-update", daemon);
+    let rekeys = s.ktls && kernel_rekeys();
+    let bytes = 4u64 << 20;
+    for (suite, label) in tls13_and_tls12() {
+        let before = [
+            s.key_updates("client_to_backend"),
+            s.key_updates("backend_to_client"),
+        ];
+        let spec = BulkSpec::both_ways(bytes, 0x6f77_6e00);
+        let (client, server, _) = s.exchange(suite, &spec, None);
+        assert!(
+            client.write_error.is_none() && client.read_error.is_none(),
+            "{label}: {client:?}"
+        );
+        assert!(
+            client.received.is_exact(),
+            "{label}: {:?}",
+            client.received.problem()
+        );
+        assert!(client.close_notify, "{label}: {client:?}");
+        let side = server
+            .side
+            .unwrap_or_else(|| panic!("{label}: {:?}", server.error));
+        side.check(bytes).unwrap();
+        s.wait_flows_ended();
+        let moved = [
+            s.key_updates("client_to_backend") - before[0],
+            s.key_updates("backend_to_client") - before[1],
+        ];
+        assert_eq!(moved[0], 0.0, "{label}: the client never asked");
+        if rekeys && label.starts_with("tls1.3") {
+            // The client decrypted every record after each of the daemon's KeyUpdates. The
+            // count is checked after each splice through the pipe (1 MiB, 64 records at most),
+            // so an update comes with fewer than 128 records counted: 256 make at least two.
+            assert!(moved[1] >= 2.0, "{label}: {moved:?}");
+        } else {
+            // TLS 1.2 has no KeyUpdate; kernels before 6.14 keep their first key.
+            assert_eq!(moved[1], 0.0, "{label}");
+        }
+    }
+    assert_eq!(s.ended("closed"), 2.0);
     drop(s.daemon);
 }
