@@ -149,21 +149,24 @@ impl Support {
 
 /// A second TLS 1.3 transmit key on a socket that has one: `EBUSY` before Linux 6.14.
 fn probe_rekey(cipher: Cipher) -> io::Result<()> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let client = std::net::TcpStream::connect(listener.local_addr()?)?;
-    let _server = listener.accept()?;
-    let key = [0u8; 32];
-    let key = key
-        .get(..if cipher == Cipher::Aes128Gcm { 16 } else { 32 })
-        .unwrap_or_default();
-    let info =
-        CryptoInfo::new(Version::Tls13, cipher, key, &[0; 12], 0).map_err(io::Error::other)?;
-    sys::set_tls_ulp(client.as_fd())?;
-    sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())?;
-    sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())
+    probe_keys(
+        Version::Tls13,
+        cipher,
+        [TlsDirection::Transmit, TlsDirection::Transmit],
+    )
 }
 
 fn probe_pair(version: Version, cipher: Cipher) -> io::Result<()> {
+    probe_keys(
+        version,
+        cipher,
+        [TlsDirection::Transmit, TlsDirection::Receive],
+    )
+}
+
+/// Puts the `tls` layer on a fresh loopback socket, then a throw-away key of `version` and
+/// `cipher` in each of `directions`, in order.
+fn probe_keys(version: Version, cipher: Cipher, directions: [TlsDirection; 2]) -> io::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let client = std::net::TcpStream::connect(listener.local_addr()?)?;
     let _server = listener.accept()?;
@@ -173,8 +176,10 @@ fn probe_pair(version: Version, cipher: Cipher) -> io::Result<()> {
         .unwrap_or_default();
     let info = CryptoInfo::new(version, cipher, key, &[0; 12], 0).map_err(io::Error::other)?;
     sys::set_tls_ulp(client.as_fd())?;
-    sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Transmit, info.as_bytes())?;
-    sys::set_tls_crypto_info(client.as_fd(), TlsDirection::Receive, info.as_bytes())
+    for direction in directions {
+        sys::set_tls_crypto_info(client.as_fd(), direction, info.as_bytes())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
