@@ -448,7 +448,10 @@ async fn backend_to_client(
         }
         drain(pipe, n, client, |n| {
             sides.count_kernel(1, n);
-            records.fetch_add(n.div_ceil(MAX_RECORD_PLAINTEXT), Ordering::Relaxed);
+            // Counted only where the daemon will act on the count.
+            if records_per_key.is_some() {
+                records.fetch_add(n.div_ceil(MAX_RECORD_PLAINTEXT), Ordering::Relaxed);
+            }
         })
         .await
         .map_err(Failed::Write)?;
