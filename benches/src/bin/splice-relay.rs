@@ -36,6 +36,9 @@ struct Args {
     /// In-flight bytes below which a closed gate reopens (default: the engine's).
     #[arg(long)]
     low_water_bytes: Option<u64>,
+    /// Size of a relay buffer (default: the engine's).
+    #[arg(long)]
+    relay_buffer_bytes: Option<usize>,
     /// Runtime worker threads and engine event loops (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -63,6 +66,9 @@ async fn serve(args: Args, workers: usize) -> Result<()> {
         soft_water_bytes: args.soft_water_bytes.unwrap_or(defaults.soft_water_bytes),
         high_water_bytes: args.high_water_bytes.unwrap_or(defaults.high_water_bytes),
         low_water_bytes: args.low_water_bytes.unwrap_or(defaults.low_water_bytes),
+        relay_buffer_bytes: args
+            .relay_buffer_bytes
+            .unwrap_or(defaults.relay_buffer_bytes),
         ..defaults
     })
     .context("starting the splice engine")?;

@@ -105,7 +105,8 @@ pub struct EngineConfig {
     pub high_water_bytes: u64,
     /// Once stopped, the in-flight bytes must fall to this mark before redirecting resumes.
     pub low_water_bytes: u64,
-    /// Size of a relay buffer (one per direction while bytes are held).
+    /// Size of a relay buffer for a direction moving bulk data (one per direction while
+    /// bytes are held; other directions read 64 KiB at a time, see `flow::BufferPool`).
     pub relay_buffer_bytes: usize,
     /// Keepalive and user timeout for spliced sockets; `None` leaves the sockets as they are.
     pub liveness: Option<sys::Liveness>,
@@ -120,7 +121,7 @@ impl Default for EngineConfig {
             soft_water_bytes: 16 << 20,
             high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
-            relay_buffer_bytes: 64 << 10,
+            relay_buffer_bytes: 1 << 20,
             liveness: Some(sys::Liveness {
                 keepalive_idle: Duration::from_secs(60),
                 keepalive_interval: Duration::from_secs(10),

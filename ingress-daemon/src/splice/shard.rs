@@ -489,6 +489,7 @@ impl Shard {
         self.finished.gate_closures += outcome.gate_closures;
         self.finished.overlap_trimmed += outcome.overlap_trimmed;
         let on_end = flow.on_end.take();
+        flow.release_buffers(&mut self.pool);
         // Closing the descriptors removes the sockets from the sockhash (and from epoll).
         drop(flow);
         if let Some(on_end) = on_end {

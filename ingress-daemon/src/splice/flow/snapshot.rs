@@ -94,10 +94,7 @@ impl Flow {
                 };
             }
             if !bytes.is_empty() {
-                let mut data = pool.get();
-                if data.len() < bytes.len() {
-                    data = vec![0u8; bytes.len()].into_boxed_slice();
-                }
+                let mut data = pool.get_for(bytes.len());
                 if let Some(head) = data.get_mut(..bytes.len()) {
                     head.copy_from_slice(&bytes);
                 }
