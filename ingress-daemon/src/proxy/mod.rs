@@ -28,6 +28,7 @@ mod conn;
 mod handoff;
 pub mod ktls;
 mod observe;
+mod read_ahead;
 mod refusal;
 pub mod relay_first;
 mod terminate;

@@ -29,7 +29,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::{DataPlane, FlowSlot, Reason, Refusal, conn::Conn, ktls, observe::LiveGuard};
+use super::{
+    DataPlane, FlowSlot, Reason, Refusal, conn::Conn, ktls, observe::LiveGuard,
+    read_ahead::ReadAhead,
+};
 use crate::{
     access_log::Outcome,
     certs::CertStore,
@@ -42,8 +45,8 @@ use crate::{
     sys,
 };
 
-/// Most bytes one read of the relay takes (one TLS record's plaintext).
-const RELAY_BUFFER_BYTES: usize = 16 << 10;
+/// Most bytes the relay reads before it writes (four TLS records' plaintext).
+const RELAY_BUFFER_BYTES: usize = 64 << 10;
 
 thread_local! {
     /// Where the relay's reads land before they are written on.
@@ -139,7 +142,7 @@ pub(super) struct Terminated {
 /// A client session after the handshake.
 enum Session {
     /// tokio-rustls; the rustls relay carries the flow.
-    Rustls(tokio_rustls::server::TlsStream<TcpStream>),
+    Rustls(tokio_rustls::server::TlsStream<ReadAhead>),
     /// Handshake fed record by record; the keys go to the kernel next.
     Kernel(ktls::Handshaken),
 }
@@ -169,7 +172,7 @@ async fn handshake(config: Arc<ServerConfig>, client: TcpStream) -> Result<Sessi
         return Ok(Session::Kernel(done));
     }
     let tls = TlsAcceptor::from(config)
-        .accept(client)
+        .accept(ReadAhead::new(client))
         .await
         .map_err(|e| failed(&e))?;
     Ok(Session::Rustls(tls))
@@ -400,10 +403,11 @@ enum Side {
 /// Copies `from` to `to` until end of stream, then shuts `to` down (a FIN, or `close_notify` +
 /// FIN for TLS), passing the size of each write to `count`. On error, says which side failed.
 ///
-/// A quiet flow reads into the thread's scratch buffer and writes on in the same poll, so it
-/// holds no buffer of its own. Once `to` does not take everything (the flow is busy), what
-/// is left goes to a buffer of the flow's own, and reads go straight into that buffer until
-/// `from` has nothing more to read: then it is freed. `to` is flushed whenever `from` has
+/// Each step reads until the buffer is full or `from` has nothing more, then writes. A quiet
+/// flow reads into the thread's scratch buffer and writes on in the same poll, so it holds no
+/// buffer of its own. Once `to` does not take everything (the flow is busy), what is left
+/// goes to a buffer of the flow's own, and reads go straight into that buffer until `from`
+/// has nothing more to read: then it is freed. `to` is flushed whenever `from` has
 /// nothing to read, so bytes a TLS writer holds back go out once its socket drains.
 async fn copy<R, W>(from: &mut R, to: &mut W, count: impl Fn(u64)) -> Result<(), Side>
 where
@@ -414,7 +418,12 @@ where
     let mut own: Vec<u8> = Vec::new();
     let (mut at, mut end) = (0, 0);
     let mut unflushed = false;
+    // The end of `from` (or its failure), met while reading ahead: reported once the bytes
+    // read before it are written.
+    let mut deferred: Option<Step> = None;
     std::future::poll_fn(|cx| {
+        // `from` reported nothing more to read during this poll (its waker is registered).
+        let mut drained = false;
         loop {
             while at < end {
                 match Pin::new(&mut *to).poll_write(cx, own.get(at..end).unwrap_or_default()) {
@@ -428,16 +437,25 @@ where
                 }
             }
             (at, end) = (0, 0);
-            let step = if own.is_empty() {
+            let step = if let Some(step) = deferred.take() {
+                step
+            } else if drained {
+                Step::Idle
+            } else if own.is_empty() {
                 SCRATCH.with_borrow_mut(|scratch| {
                     if scratch.len() < RELAY_BUFFER_BYTES {
                         scratch.resize(RELAY_BUFFER_BYTES, 0);
                     }
                     let buf = scratch.get_mut(..RELAY_BUFFER_BYTES).unwrap_or_default();
-                    let n = match read_step(&mut *from, cx, buf) {
-                        Ok(n) => n,
-                        Err(step) => return step,
-                    };
+                    let (n, stop) = fill(&mut *from, cx, buf);
+                    if n == 0 {
+                        return stop.unwrap_or(Step::Idle);
+                    }
+                    match stop {
+                        Some(Step::Idle) => drained = true,
+                        Some(step) => deferred = Some(step),
+                        None => {}
+                    }
                     let read = buf.get(..n).unwrap_or_default();
                     let mut written = 0;
                     while written < n {
@@ -463,16 +481,17 @@ where
                     Step::Moved
                 })
             } else {
-                match read_step(&mut *from, cx, &mut own) {
-                    Ok(n) => {
+                match fill(&mut *from, cx, &mut own) {
+                    (0, stop) => stop.unwrap_or(Step::Idle),
+                    (n, stop) => {
+                        match stop {
+                            Some(Step::Idle) => drained = true,
+                            Some(step) => deferred = Some(step),
+                            None => {}
+                        }
                         end = n;
                         Step::Moved
                     }
-                    Err(Step::Idle) => {
-                        own = Vec::new();
-                        Step::Idle
-                    }
-                    Err(step) => step,
                 }
             };
             match step {
@@ -480,6 +499,8 @@ where
                 Step::End => return Poll::Ready(Ok(())),
                 Step::Failed(side) => return Poll::Ready(Err(side)),
                 Step::Idle => {
+                    // Everything read is written: a quiet flow holds no buffer.
+                    own = Vec::new();
                     if unflushed {
                         match Pin::new(&mut *to).poll_flush(cx) {
                             Poll::Ready(Ok(())) => unflushed = false,
@@ -494,6 +515,24 @@ where
     })
     .await?;
     to.shutdown().await.map_err(|_| Side::Write)
+}
+
+/// Reads into `buf` until it is full or a read brings nothing: the bytes read, and what ended
+/// the reads short of a full buffer. A TLS stream gives one record's plaintext per read, so a
+/// write to the backend carries several records instead of one.
+fn fill<R: AsyncRead + Unpin>(
+    from: &mut R,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut [u8],
+) -> (usize, Option<Step>) {
+    let mut n = 0;
+    while n < buf.len() {
+        match read_step(&mut *from, cx, buf.get_mut(n..).unwrap_or_default()) {
+            Ok(k) => n += k,
+            Err(step) => return (n, Some(step)),
+        }
+    }
+    (n, None)
 }
 
 /// One read of [`copy`] into `buf`: the bytes read, or why there are none.
