@@ -347,46 +347,56 @@ where
 {
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut backend_r, mut backend_w) = backend.into_split();
-    let up = copy(&mut client_r, &mut backend_w, |n| sides.count(0, n));
-    let down = copy(&mut backend_r, &mut client_w, |n| sides.count(1, n));
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (None, None);
-    let mut ticker = idle_ticker(idle_timeout);
-    let total = || sides.live.flow.bytes().iter().sum::<u64>();
-    let mut idle = IdleClock::new(total());
-    while up_done.is_none() || down_done.is_none() {
-        tokio::select! {
-            Some(_) = async { Some(ticker.as_mut()?.tick().await) }, if ticker.is_some() => {
-                if idle.expired(total(), idle_timeout) {
-                    return FlowEnd::IdleTimeout;
+    // `return` inside the block ends the relay with a reason, and releases the halves.
+    let end = async {
+        let up = copy(&mut client_r, &mut backend_w, |n| sides.count(0, n));
+        let down = copy(&mut backend_r, &mut client_w, |n| sides.count(1, n));
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (None, None);
+        let mut ticker = idle_ticker(idle_timeout);
+        let total = || sides.live.flow.bytes().iter().sum::<u64>();
+        let mut idle = IdleClock::new(total());
+        while up_done.is_none() || down_done.is_none() {
+            tokio::select! {
+                Some(_) = async { Some(ticker.as_mut()?.tick().await) }, if ticker.is_some() => {
+                    if idle.expired(total(), idle_timeout) {
+                        return FlowEnd::IdleTimeout;
+                    }
                 }
-            }
-            r = &mut up, if up_done.is_none() => {
-                if let Err(e) = r {
-                    // Whose fault: a read error is the client's, a write error the backend's.
-                    let (end, victim) = match e {
-                        Side::Read => (FlowEnd::ClientReset, &sides.backend_fd),
-                        Side::Write => (FlowEnd::BackendReset, &sides.client_fd),
-                    };
-                    reset(victim);
-                    return end;
+                r = &mut up, if up_done.is_none() => {
+                    if let Err(e) = r {
+                        // Whose fault: a read error is the client's, a write error the backend's.
+                        let (end, victim) = match e {
+                            Side::Read => (FlowEnd::ClientReset, &sides.backend_fd),
+                            Side::Write => (FlowEnd::BackendReset, &sides.client_fd),
+                        };
+                        reset(victim);
+                        return end;
+                    }
+                    up_done = r.ok();
                 }
-                up_done = r.ok();
-            }
-            r = &mut down, if down_done.is_none() => {
-                if let Err(e) = r {
-                    let (end, victim) = match e {
-                        Side::Read => (FlowEnd::BackendReset, &sides.client_fd),
-                        Side::Write => (FlowEnd::ClientReset, &sides.backend_fd),
-                    };
-                    reset(victim);
-                    return end;
+                r = &mut down, if down_done.is_none() => {
+                    if let Err(e) = r {
+                        let (end, victim) = match e {
+                            Side::Read => (FlowEnd::BackendReset, &sides.client_fd),
+                            Side::Write => (FlowEnd::ClientReset, &sides.backend_fd),
+                        };
+                        reset(victim);
+                        return end;
+                    }
+                    down_done = r.ok();
                 }
-                down_done = r.ok();
             }
         }
+        FlowEnd::Closed
     }
-    FlowEnd::Closed
+    .await;
+    if matches!(end, FlowEnd::ClientReset) {
+        // Dropping the write half would send a FIN ahead of the reset, and the backend would
+        // take the cut stream for a whole one.
+        backend_w.forget();
+    }
+    end
 }
 
 fn reset(fd: &Option<OwnedFd>) {

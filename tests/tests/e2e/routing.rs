@@ -372,3 +372,121 @@ fn curl_downloads_a_bulk_file_through_the_kernel_path_byte_exact() {
         kernel + relayed
     );
 }
+
+/// A reset on one side of a terminated flow reaches the other side as a reset, after bytes
+/// that were sent before it and in no other form: the relay reads ahead, so the reset often
+/// comes in the same read as the last bytes, and must not turn into a clean end once they are
+/// written.
+#[test]
+fn a_reset_on_either_side_of_a_terminated_flow_reaches_the_other_as_a_reset() {
+    use ingress_tests::tcp::abort;
+    use std::io::{ErrorKind, Read as _, Write as _};
+    const BYTES: usize = 512 << 10;
+    let Some(daemon) = kernel_daemon(&[]) else {
+        return;
+    };
+    let api = daemon.api().unwrap();
+    let pki = Pki::new().unwrap();
+    certificate(&api, &pki, "resets", &["resets.example.test"]);
+    let ip = next_loopback();
+    let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    instance(&api, "resets", ip);
+    let ingress = create_ingress(
+        &api,
+        "resets",
+        serde_json::json!([rule("resets.example.test", "resets", port, "terminate")]),
+        None,
+    );
+    let config = pki.client_config(&[]).unwrap();
+    let data: Vec<u8> = (0..BYTES).map(|i| (i % 241) as u8).collect();
+    let ended = |end: &str| {
+        crate::common::metric(
+            &api,
+            "ingressd_flows_ended_total",
+            &["ingress=\"resets\"", &format!("end=\"{end}\"")],
+        )
+    };
+    /// Reads until the stream ends; the bytes, and whether it ended with a reset.
+    fn read_to_end_or_reset(stream: &mut impl std::io::Read) -> (Vec<u8>, bool) {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return (got, false),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return (got, true),
+                Err(e) => panic!("after {} bytes: {e}", got.len()),
+            }
+        }
+    }
+
+    // The backend sends its bytes and resets at once.
+    let sent = data.clone();
+    let backend = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 5];
+        stream.read_exact(&mut hello).unwrap();
+        stream.write_all(&sent).unwrap();
+        abort(stream).unwrap();
+        listener
+    });
+    let mut tls =
+        ingress_tests::tls::tls_connect(ingress.addr(), "resets.example.test", config.clone())
+            .unwrap();
+    tls.write_all(b"hello").unwrap();
+    tls.flush().unwrap();
+    let (got, reset) = read_to_end_or_reset(&mut tls);
+    let listener = backend.join().unwrap();
+    assert!(
+        reset,
+        "the client saw a clean end after {} bytes, not a reset",
+        got.len()
+    );
+    assert!(
+        data.starts_with(&got),
+        "the {} bytes before the reset are not the backend's",
+        got.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ended("backend_reset") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ended("backend_reset"), 1.0);
+
+    // The client sends its bytes and resets at once (after one round trip: a reset before the
+    // daemon has read the client's `Finished` is a failed handshake instead).
+    let backend = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 5];
+        stream.read_exact(&mut hello).unwrap();
+        stream.write_all(b"ok").unwrap();
+        read_to_end_or_reset(&mut stream)
+    });
+    let mut tls =
+        ingress_tests::tls::tls_connect(ingress.addr(), "resets.example.test", config).unwrap();
+    tls.write_all(b"hello").unwrap();
+    tls.flush().unwrap();
+    let mut ok = [0u8; 2];
+    tls.read_exact(&mut ok).unwrap();
+    tls.write_all(&data).unwrap();
+    tls.flush().unwrap();
+    abort(tls.sock).unwrap();
+    let (got, reset) = backend.join().unwrap();
+    assert!(
+        reset,
+        "the backend saw a clean end after {} bytes, not a reset",
+        got.len()
+    );
+    assert!(
+        data.starts_with(&got),
+        "the {} bytes before the reset are not the client's",
+        got.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ended("client_reset") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ended("client_reset"), 1.0);
+    assert_eq!(ended("closed"), 0.0);
+}
