@@ -47,7 +47,7 @@ pub(super) struct RelayBuf {
 /// Two sizes. A direction reads into a small buffer ([`SMALL_RELAY_BUFFER`]) until a read
 /// brings at least that much: its source is then moving bulk data, and it reads into a large
 /// one (the engine's `relay_buffer_bytes`) for as long as reads stay that big. On loopback a
-/// 1 MiB read instead of 64 KiB cuts the relay's CPU per byte by about two fifths: the
+/// 1 MiB read instead of 64 KiB cuts the relay's CPU per byte by two fifths to a half: the
 /// per-call work (a wake-up, two system calls) is spread over sixteen times the bytes. A
 /// direction whose destination is slow holds its buffer until the destination drains, so at
 /// most [`MAX_LARGE_HELD`] large buffers are out of a shard's pool at once; past that, bulk
