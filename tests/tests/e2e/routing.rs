@@ -448,10 +448,9 @@ fn a_reset_on_either_side_of_a_terminated_flow_reaches_the_other_as_a_reset() {
         "the {} bytes before the reset are not the backend's",
         got.len()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ended("backend_reset") < 1.0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::common::wait_for_count("backend_reset flows", Duration::from_secs(10), 1, || {
+        ended("backend_reset") as u64
+    });
     assert_eq!(ended("backend_reset"), 1.0);
 
     // The client sends its bytes and resets at once (after one round trip: a reset before the
@@ -483,10 +482,9 @@ fn a_reset_on_either_side_of_a_terminated_flow_reaches_the_other_as_a_reset() {
         "the {} bytes before the reset are not the client's",
         got.len()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ended("client_reset") < 1.0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crate::common::wait_for_count("client_reset flows", Duration::from_secs(10), 1, || {
+        ended("client_reset") as u64
+    });
     assert_eq!(ended("client_reset"), 1.0);
     assert_eq!(ended("closed"), 0.0);
 }
