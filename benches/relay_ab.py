@@ -11,7 +11,9 @@ time, so softirqs and kworkers count) and the relay process's own CPU seconds pe
 
 A variant is one of
     relay:PATH[:BUFFER]   `splice-relay` at PATH, userspace relay, `--relay-buffer-bytes BUFFER`
-    kernel:PATH           `splice-relay` at PATH, kernel path (`--offload required`, as root)
+    kernel:PATH[:FLAGS]   `splice-relay` at PATH, kernel path (`--offload required`, as root);
+                          FLAGS is `name=value,...` for its options, e.g.
+                          `soft-water-bytes=67108864`
     python:copy           a relay in this script: `recv_into` + `sendall`, 1 MiB per call
     python:splice         a relay in this script: `splice(2)` through a 1 MiB pipe
 
@@ -87,7 +89,10 @@ def command(variant, listen, backend):
         extra = ["--relay-buffer-bytes", buffer] if buffer else []
         return [path, "--offload", "off", *extra, *where]
     if kind == "kernel":
-        return [rest, "--offload", "required", *where]
+        path, _, flags = rest.partition(":")
+        extra = [f"--{f.replace('=', ' ').split()[0]}={f.split('=', 1)[1]}"
+                 for f in flags.split(",") if f]
+        return [path, "--offload", "required", *extra, *where]
     if kind == "python" and rest in ("copy", "splice"):
         return [sys.executable, __file__, "--serve", rest, *where]
     sys.exit(f"unknown variant {variant!r}")

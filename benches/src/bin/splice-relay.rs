@@ -116,7 +116,7 @@ async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
         if total >= BULK_FLOW_BYTES {
             eprintln!(
                 "flow {}: {} {:?}, up kernel {} relayed {}, down kernel {} relayed {}, \
-                 gate closures {}, {}",
+                 gate closures {}, window holds {}, {}",
                 o.id,
                 o.path.as_str(),
                 o.duration,
@@ -125,6 +125,7 @@ async fn relay(engine: Engine, client: TcpStream, backend: SocketAddr) {
                 o.backend_to_client.kernel,
                 o.backend_to_client.relayed,
                 o.gate_closures,
+                o.window_holds,
                 o.end.as_str()
             );
         }
