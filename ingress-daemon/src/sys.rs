@@ -593,7 +593,8 @@ pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     )
 }
 
-/// Sets `TCP_QUICKACK`, which also sends a pending window update at once.
+/// Sets `TCP_QUICKACK`: leaves the delayed-ACK mode and sends an acknowledgement that is due
+/// at once, carrying the current receive window.
 pub fn quickack(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1 as libc::c_int)
 }
@@ -826,16 +827,36 @@ pub fn async_fd<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>>
     .map_err(|err| io::Error::other(err.to_string()))
 }
 
-/// Makes the kernel send the peer a segment carrying the current receive window at once (a
-/// window probe, `tcp_send_window_probe`), by entering and leaving `TCP_REPAIR` mode; needs
-/// `CAP_NET_ADMIN`. After a zero window reopens, the peer otherwise learns of it only from its
-/// own persist timer (200 ms or more); the kernel sends no window update by itself when no
-/// data was read.
-pub fn send_window_probe(fd: BorrowedFd<'_>) -> io::Result<()> {
-    const TCP_REPAIR_ON: libc::c_int = 1;
-    const TCP_REPAIR_OFF: libc::c_int = 0;
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_ON)?;
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF)
+/// Offset of `tcpi_advmss` in `struct tcp_info` (stable kernel ABI since 2.6).
+const TCPI_ADVMSS: usize = 84;
+
+/// The largest segment the socket told its peer to send (`tcpi_advmss`).
+pub fn advmss(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut buf = [0u8; TCPI_ADVMSS + 4];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most `len` bytes and
+    // updates `len` with the count.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    })?;
+    buf.get(TCPI_ADVMSS..TCPI_ADVMSS + 4)
+        .filter(|_| (len as usize) >= TCPI_ADVMSS + 4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u32::from_ne_bytes)
+        .ok_or_else(|| io::Error::other("kernel tcp_info too short for advmss"))
+}
+
+/// Delays the socket's acknowledgements (`TCP_QUICKACK` 0, the kernel's "pingpong" mode):
+/// a segment that leaves no more than one full segment unacknowledged is acknowledged by the
+/// delayed-ACK timer, so an acknowledgement stays due for [`quickack`] to send.
+pub fn delay_acks(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0 as libc::c_int)
 }
 
 mod fdpass;

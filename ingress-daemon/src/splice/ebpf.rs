@@ -231,6 +231,15 @@ impl DirView<'_> {
         self.load(offset_of!(DirState, low_water))
     }
 
+    /// The window cap that goes with this direction's soft and high marks (see
+    /// [`super::window_cap`]).
+    pub(crate) fn window_cap(&self) -> u32 {
+        super::window_cap(
+            self.load(offset_of!(DirState, soft_water)),
+            self.load(offset_of!(DirState, high_water)),
+        )
+    }
+
     /// The destination baseline.
     pub(crate) fn acked_base(&self) -> u64 {
         self.load(offset_of!(DirState, acked_base))

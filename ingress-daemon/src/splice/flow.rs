@@ -168,17 +168,30 @@ struct Dir {
 /// path after the gate closed.
 ///
 /// When the verdict reports congestion (more than `soft_water` in flight, one ring-buffer
-/// event), the daemon clamps the source's receive window to zero (`TCP_WINDOW_CLAMP`): the
-/// sender stops once it has used the window it was offered, and every byte stays on the kernel
-/// path. The window opens again once the destination has drained to the low-water mark.
+/// event), the daemon holds the source's receive window down to one segment
+/// (`TCP_WINDOW_CLAMP` at the socket's advertised MSS) and delays its acknowledgements
+/// (`TCP_QUICKACK` off): once the sender has used the window it was already offered it sends
+/// one segment per delayed acknowledgement (on loopback, 64 KiB every 40 ms or more), and every
+/// byte stays on the kernel path. The window opens again once the destination has drained to
+/// the low-water mark: the clamp is restored and the acknowledgement that is due goes out at
+/// once (`TCP_QUICKACK` on), carrying the open window.
+///
+/// The window is held at one segment, not at zero, so that the sender learns at once that it
+/// reopened. A sender offered less than one segment sends nothing (silly-window avoidance),
+/// so nothing arrives for the receiver to acknowledge, and the only way to tell it the window
+/// opened is its own persist timer: 200 ms at least, doubling while the window stays shut. A
+/// receiver cannot send a window update on its own (the kernel's window probe, `TCP_REPAIR`
+/// on then off, goes out one byte before the peer's window and the peer discards it), so every
+/// zero-window hold cost a bulk flow 200 ms: on loopback, holds every 40 MB or so throttled the
+/// kernel path to a fifth of what it carries without them.
 ///
 /// The verdict redirects again only once the daemon holds no passed byte (`passed ==
 /// relayed`); while the sender keeps sending, passed bytes keep arriving and that moment never
-/// comes. So as soon as the relay sees the gate closed it clamps the source's receive window far
-/// below one segment (`TCP_WINDOW_CLAMP`): the sender may still fill the window it was already
-/// offered, but no more. The relay empties what was passed; once the destination has drained
-/// to the low-water mark and nothing is held back, it restores the clamp and sends the window
-/// update itself (`TCP_QUICKACK`). The next skb finds nothing held back and is redirected.
+/// comes. So as soon as the relay sees the gate closed it holds the source's window the same
+/// way: the sender may still fill the window it was already offered, then one segment per
+/// acknowledgement. The relay empties what was passed; once the destination has drained to the
+/// low-water mark and nothing is held back, it restores the clamp and sends the window update.
+/// The next skb finds nothing held back and is redirected.
 ///
 /// While the window is held the relay is paced: it reads passed bytes only while the
 /// destination holds at most half the low-water mark. Relaying at the destination's full pace
@@ -195,27 +208,52 @@ enum Handback {
     /// The gate is open (or the relay has not noticed it closing).
     #[default]
     Idle,
-    /// The source's window is held closed; the window clamp to restore, the clamp the kernel
-    /// set for the hold, and the reverse direction's byte count (kernel and relay) when the
-    /// hold began.
+    /// The source's window is held; the window clamp to restore, the clamp the kernel set for
+    /// the hold, and, while the hold is one segment, the reverse direction's byte count (kernel
+    /// and relay) when it began (`None` once the hold is a zero window).
     Holding {
         clamp: u32,
         held: u32,
-        reverse_seen: u64,
+        reverse_seen: Option<u64>,
     },
 }
 
-/// Clamps the window of `fd` to zero; returns the clamp to restore. `reverse_seen` is the
-/// byte count of the direction that writes to `fd`, to tell later whether it moved meanwhile.
-fn hold_window(fd: std::os::fd::BorrowedFd<'_>, reverse_seen: u64) -> io::Result<Handback> {
-    let clamp = sys::window_clamp(fd)?;
-    // The kernel raises 1 to its minimum, below one segment: a zero window.
-    sys::set_window_clamp(fd, 1)?;
+/// Holds the window of `fd` and returns the clamp to restore (at most `cap`): to one segment
+/// with acknowledgements delayed when `reverse_seen` is the byte count of the direction that
+/// writes to `fd` (to tell later whether it moved meanwhile), to zero when it is `None`.
+fn hold_window(
+    fd: std::os::fd::BorrowedFd<'_>,
+    cap: u32,
+    reverse_seen: Option<u64>,
+) -> io::Result<Handback> {
+    // Autotuning may have raised the clamp past the flow's cap since the last hold.
+    let clamp = sys::window_clamp(fd)?.min(cap);
+    let held = if reverse_seen.is_some() {
+        sys::set_window_clamp(fd, sys::advmss(fd)?)?;
+        sys::delay_acks(fd)?;
+        sys::window_clamp(fd)?
+    } else {
+        shut_window(fd)?
+    };
     Ok(Handback::Holding {
         clamp,
-        held: sys::window_clamp(fd)?,
+        held,
         reverse_seen,
     })
+}
+
+/// Turns a one-segment hold into a zero window (the kernel raises 1 to its minimum, below one
+/// segment); returns the clamp the kernel set.
+fn shut_window(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    sys::set_window_clamp(fd, 1)?;
+    sys::window_clamp(fd)
+}
+
+/// Ends a hold: restores the clamp and sends the acknowledgement that is due, which carries
+/// the reopened window.
+fn reopen_window(fd: std::os::fd::BorrowedFd<'_>, clamp: u32) -> io::Result<()> {
+    sys::set_window_clamp(fd, clamp)?;
+    sys::quickack(fd)
 }
 
 /// Result of handling an event.
@@ -396,8 +434,11 @@ impl Flow {
             && matches!(self.dirs[d].handback, Handback::Idle)
             && !self.dirs[d].fin_seen
         {
+            let cap = cx
+                .kernel
+                .map_or(u32::MAX, |path| path.dir(dir).window_cap());
             let reverse_seen = self.moved(1 - d, cx.kernel);
-            match hold_window(self.socks[d].as_fd(), reverse_seen) {
+            match hold_window(self.socks[d].as_fd(), cap, Some(reverse_seen)) {
                 Ok(held) => self.dirs[d].handback = held,
                 Err(err) => return self.reset(d, &err),
             }
@@ -535,26 +576,51 @@ impl Flow {
         let view = path.dir(flow.dirs[d]);
         match self.dirs[d].handback {
             Handback::Idle => {
-                if view.gated() && !self.dirs[d].fin_seen {
-                    let reverse_seen = self.moved(dst, Some(path));
+                // A gate still marked closed after the relay caught up and the destination
+                // drained to the low-water mark opens on the verdict's next skb: holding the
+                // window again would only keep that skb from coming.
+                if !self.dirs[d].fin_seen
+                    && (view.passed() != self.dirs[d].relayed
+                        || (view.gated() && self.in_flight(d, &view)? > view.low_water()))
+                {
+                    // Shut at once: passed bytes must stop arriving for the relay to catch up.
                     self.dirs[d].handback =
-                        hold_window(self.socks[src].as_fd(), reverse_seen).map_err(|e| (src, e))?;
+                        hold_window(self.socks[src].as_fd(), view.window_cap(), None)
+                            .map_err(|e| (src, e))?;
                 }
             }
             Handback::Holding {
                 mut clamp,
-                held,
-                reverse_seen,
+                mut held,
+                mut reverse_seen,
             } => {
+                let fd = self.socks[src].as_fd();
+                // A window of one segment holds the sender only while nothing else makes this
+                // socket acknowledge at once. Every segment it sends carries its window, so
+                // while the reverse direction moves the sender gets one segment per reverse
+                // segment; and once the gate passes bytes, each read of them acknowledges at
+                // once. Either way that is no hold at all (on loopback, a gigabyte a second):
+                // shut the window instead. The reverse direction's segments, or the relay's
+                // reads, then carry the news when it reopens.
+                if reverse_seen.is_some_and(|seen| {
+                    self.moved(dst, Some(path)) != seen || view.passed() != self.dirs[d].relayed
+                }) {
+                    held = shut_window(fd).map_err(|e| (src, e))?;
+                    reverse_seen = None;
+                    self.dirs[d].handback = Handback::Holding {
+                        clamp,
+                        held,
+                        reverse_seen,
+                    };
+                }
                 // Receive-buffer autotuning sets the clamp again whenever it grows the buffer
                 // (`tcp_rcv_space_adjust`, "make the window clamp follow along", on every
                 // kernel we support), which silently ends the hold: put it back, and restore
-                // the grown value when the hold ends.
-                let fd = self.socks[src].as_fd();
+                // the grown value (within the cap) when the hold ends.
                 let now = sys::window_clamp(fd).map_err(|e| (src, e))?;
                 if now != held {
-                    sys::set_window_clamp(fd, 1).map_err(|e| (src, e))?;
-                    clamp = now;
+                    sys::set_window_clamp(fd, held).map_err(|e| (src, e))?;
+                    clamp = now.min(view.window_cap());
                     self.dirs[d].handback = Handback::Holding {
                         clamp,
                         held,
@@ -565,15 +631,7 @@ impl Flow {
                     return Ok(());
                 }
                 if self.dirs[d].fin_seen || self.in_flight(d, &view)? <= view.low_water() {
-                    sys::set_window_clamp(fd, clamp).map_err(|e| (src, e))?;
-                    // The sender must hear that the window opened, or it waits for its persist
-                    // timer (200 ms or more). Bytes this socket sends carry the news; when the
-                    // reverse direction is quiet, a window probe does.
-                    let probed = self.reverse_quiet(d, flow, path, reverse_seen)?
-                        && sys::send_window_probe(fd).is_ok();
-                    if !probed {
-                        sys::quickack(fd).map_err(|e| (src, e))?;
-                    }
+                    reopen_window(fd, clamp).map_err(|e| (src, e))?;
                     self.dirs[d].handback = Handback::Idle;
                     // Events so far are dealt with: the program may report the next one.
                     view.set_congestion_handled(view.congestion_events());
@@ -598,31 +656,6 @@ impl Flow {
     fn moved(&self, d: usize, kernel: Option<&KernelPath>) -> u64 {
         let b = self.bytes(kernel)[d];
         b.kernel + b.relayed
-    }
-
-    /// Whether nothing can be sending on the source socket of direction `d` right now, so the
-    /// window probe may toggle `TCP_REPAIR` on it: a send in repair mode fails (`EINVAL`), and
-    /// when the kernel's own redirect hits that, it reports an error on the socket and the
-    /// flow is lost. Quiet means the reverse direction (which writes to this socket) moved no
-    /// byte since the hold began, the relay holds none for it, and everything it redirected is
-    /// already in the socket's send queue. Bytes that start moving after this check race the
-    /// probe; their window of a few microseconds is the residual risk.
-    fn reverse_quiet(
-        &self,
-        d: usize,
-        flow: &KernelFlow,
-        path: &KernelPath,
-        reverse_seen: u64,
-    ) -> Result<bool, Failure> {
-        let r = 1 - d;
-        if self.moved(r, Some(path)) != reverse_seen || self.dirs[r].buf.is_some() {
-            return Ok(false);
-        }
-        let rv = path.dir(flow.dirs[r]);
-        let covered = write_seq(&self.socks[d])
-            .map_err(|e| (d, e))?
-            .saturating_sub(rv.acked_base());
-        Ok(covered >= rv.redirected() + self.dirs[r].relayed)
     }
 
     /// Propagates the FIN of direction `d` once it is safe; returns whether it must be polled.

@@ -47,7 +47,7 @@ pub struct DirState {
     /// The FIN was propagated to the destination.
     pub shut: bool,
     /// A held window: the clamp to restore, the clamp set for the hold, and the reverse
-    /// direction's byte count when the hold began.
+    /// direction's byte count when a one-segment hold began (`u64::MAX` for a zero window).
     pub hold: Option<(u32, u32, u64)>,
 }
 

@@ -331,6 +331,14 @@ pub struct Preamble {
 /// The smallest window cap a kernel flow gets (see [`Engine::splice`]).
 const MIN_WINDOW_CAP: u64 = 256 << 10;
 
+/// The receive window cap of a kernel flow's sockets: a third of the distance from the soft
+/// mark to the high one (see [`Engine::splice`]).
+pub(crate) fn window_cap(soft_water: u64, high_water: u64) -> u32 {
+    let cap =
+        (high_water.saturating_sub(soft_water) / 3).clamp(MIN_WINDOW_CAP, u64::from(u32::MAX >> 1));
+    u32::try_from(cap).unwrap_or(u32::MAX >> 1)
+}
+
 /// How one flow is handed to [`Engine::splice`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowOptions {
@@ -716,19 +724,16 @@ impl Engine {
             // machine delays it by milliseconds, at gigabytes per second), so a held flow
             // stays on the kernel path (autotuning alone offers up to `tcp_rmem`'s maximum,
             // 32 MiB here, and the gate then closed in bulk transfers).
-            let cap = (inner
-                .config
-                .high_water_bytes
-                .saturating_sub(inner.config.soft_water_bytes)
-                / 3)
-            .clamp(MIN_WINDOW_CAP, u64::from(u32::MAX >> 1));
+            // Receive-buffer autotuning raises the clamp again as it grows the buffer; the
+            // cap is put back whenever a hold ends (`flow::Handback`).
+            let cap = window_cap(inner.config.soft_water_bytes, inner.config.high_water_bytes);
             for fd in [&client, &backend] {
-                sys::set_window_clamp(std::os::fd::AsFd::as_fd(fd), cap as u32).map_err(
-                    |source| SpliceError::Sys {
+                sys::set_window_clamp(std::os::fd::AsFd::as_fd(fd), cap).map_err(|source| {
+                    SpliceError::Sys {
                         call: "TCP_WINDOW_CLAMP",
                         source,
-                    },
-                )?;
+                    }
+                })?;
             }
         }
         // The kernel takes only established sockets into the sockhash: a pair with a direction

@@ -7,6 +7,10 @@ use std::{
 
 use super::{BufferPool, Dir, Flow, Handback, KernelFlow, RelayBuf};
 
+/// The third field of a saved hold for a zero-window hold (a one-segment hold saves the reverse
+/// direction's byte count there).
+const ZERO_WINDOW: u64 = u64::MAX;
+
 impl Flow {
     /// The flow's state for a hand-off to another daemon, with copies of the bytes its relay
     /// holds (read from a source, not yet written to the destination).
@@ -24,7 +28,7 @@ impl Flow {
                     clamp,
                     held,
                     reverse_seen,
-                } => Some((clamp, held, reverse_seen)),
+                } => Some((clamp, held, reverse_seen.unwrap_or(ZERO_WINDOW))),
             },
         };
         let pending = |d: &Dir| {
@@ -86,11 +90,11 @@ impl Flow {
             dir.fin_seen = saved.fin_seen;
             dir.eof = saved.eof;
             dir.shut = saved.shut;
-            if let Some((clamp, held, reverse_seen)) = saved.hold {
+            if let Some((clamp, held, seen)) = saved.hold {
                 dir.handback = Handback::Holding {
                     clamp,
                     held,
-                    reverse_seen,
+                    reverse_seen: (seen != ZERO_WINDOW).then_some(seen),
                 };
             }
             if !bytes.is_empty() {
