@@ -852,9 +852,8 @@ pub fn advmss(fd: BorrowedFd<'_>) -> io::Result<u32> {
         .ok_or_else(|| io::Error::other("kernel tcp_info too short for advmss"))
 }
 
-/// Delays the socket's acknowledgements (`TCP_QUICKACK` 0, the kernel's "pingpong" mode):
-/// a segment that leaves no more than one full segment unacknowledged is acknowledged by the
-/// delayed-ACK timer, so an acknowledgement stays due for [`quickack`] to send.
+/// Delays the socket's acknowledgements where the kernel may (`TCP_QUICKACK` 0, its
+/// "pingpong" mode), so that an acknowledgement is more often due for [`quickack`] to send.
 pub fn delay_acks(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0 as libc::c_int)
 }

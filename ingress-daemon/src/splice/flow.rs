@@ -170,28 +170,39 @@ struct Dir {
 /// When the verdict reports congestion (more than `soft_water` in flight, one ring-buffer
 /// event), the daemon holds the source's receive window down to one segment
 /// (`TCP_WINDOW_CLAMP` at the socket's advertised MSS) and delays its acknowledgements
-/// (`TCP_QUICKACK` off): once the sender has used the window it was already offered it sends
-/// one segment per delayed acknowledgement (on loopback, 64 KiB every 40 ms or more), and every
-/// byte stays on the kernel path. The window opens again once the destination has drained to
-/// the low-water mark: the clamp is restored and the acknowledgement that is due goes out at
-/// once (`TCP_QUICKACK` on), carrying the open window.
+/// (`TCP_QUICKACK` off). Once the sender has used the window it was already offered, it may
+/// send one segment per round trip: the kernel acknowledges each segment as the verdict takes
+/// it. That brakes a sender on a real path (1,448 bytes per round trip) and hardly one on
+/// loopback, where the gate at the high mark is what bounds the bytes in flight. Every byte
+/// stays on the kernel path. The window opens again once the destination has drained to the
+/// low-water mark: the clamp is restored and an acknowledgement that is due goes out at once
+/// (`TCP_QUICKACK` on), carrying the open window.
 ///
 /// The window is held at one segment, not at zero, so that the sender learns at once that it
 /// reopened. A sender offered less than one segment sends nothing (silly-window avoidance),
-/// so nothing arrives for the receiver to acknowledge, and the only way to tell it the window
-/// opened is its own persist timer: 200 ms at least, doubling while the window stays shut. A
-/// receiver cannot send a window update on its own (the kernel's window probe, `TCP_REPAIR`
-/// on then off, goes out one byte before the peer's window and the peer discards it), so every
-/// zero-window hold cost a bulk flow 200 ms: on loopback, holds every 40 MB or so throttled the
-/// kernel path to a fifth of what it carries without them.
+/// so nothing arrives for the receiver to acknowledge, the kernel sends no window update by
+/// itself, and the sender learns of the open window from its own persist timer: 200 ms at
+/// least, doubling while the window stays shut. The receiver cannot send the update sooner:
+/// the kernel's window probe (`TCP_REPAIR` on then off, which this engine used to toggle) goes
+/// out one byte before the peer's window and the peer discards it, and `TCP_QUICKACK` sends
+/// only an acknowledgement that is due. On loopback, where the kernel path's kworker lags a
+/// fast sender by 16 MiB every 40 MB or so, each zero-window hold cost the flow 200 ms, and
+/// the kernel path moved 1.2 Gbit/s where it now moves 3 to 4.
+///
+/// A one-segment window holds nothing while the reverse direction moves (every segment this
+/// socket sends carries the window) or while the gate passes bytes (each read of them is
+/// acknowledged at once), so the hold then becomes a zero window: the reverse direction's
+/// segments, or the relay's reads, carry the news when it reopens.
 ///
 /// The verdict redirects again only once the daemon holds no passed byte (`passed ==
 /// relayed`); while the sender keeps sending, passed bytes keep arriving and that moment never
-/// comes. So as soon as the relay sees the gate closed it holds the source's window the same
-/// way: the sender may still fill the window it was already offered, then one segment per
-/// acknowledgement. The relay empties what was passed; once the destination has drained to the
-/// low-water mark and nothing is held back, it restores the clamp and sends the window update.
-/// The next skb finds nothing held back and is redirected.
+/// comes. So as soon as the relay sees the gate closed, or passed bytes it has not relayed, it
+/// shuts the source's window: the sender may still fill the window it was already offered, but
+/// no more. The relay empties what was passed; once the destination has drained to the
+/// low-water mark and nothing is held back, it restores the clamp. The next skb finds nothing
+/// held back and is redirected. A gate still marked closed once the relay has caught up and the
+/// destination has drained is left alone: it opens on the verdict's next skb, and holding the
+/// window again would only keep that skb from coming.
 ///
 /// While the window is held the relay is paced: it reads passed bytes only while the
 /// destination holds at most half the low-water mark. Relaying at the destination's full pace
