@@ -86,30 +86,55 @@ const TCPI_BYTES_RECEIVED: usize = 128;
 
 /// Reads `bytes_acked` and `bytes_received` from `TCP_INFO`.
 pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
-    let mut buf = [0u8; 256];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most `len` bytes and
-    // updates `len` with the count.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    })?;
-    let read = |offset: usize| -> io::Result<u64> {
-        buf.get(offset..offset + 8)
-            .filter(|_| (len as usize) >= offset + 8)
-            .and_then(|bytes| bytes.try_into().ok())
-            .map(u64::from_ne_bytes)
-            .ok_or_else(|| io::Error::other("kernel tcp_info too short for byte counters"))
-    };
+    let info = TcpInfo::read(fd)?;
     Ok(TcpCounters {
-        bytes_acked: read(TCPI_BYTES_ACKED)?,
-        bytes_received: read(TCPI_BYTES_RECEIVED)?,
+        bytes_acked: info.u64_at(TCPI_BYTES_ACKED, "bytes_acked")?,
+        bytes_received: info.u64_at(TCPI_BYTES_RECEIVED, "bytes_received")?,
     })
+}
+
+/// The socket's `struct tcp_info`, as much of it as the kernel wrote.
+struct TcpInfo {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl TcpInfo {
+    fn read(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        let mut buf = [0u8; 256];
+        let mut len = buf.len() as libc::socklen_t;
+        // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most `len` bytes and
+        // updates `len` with the count.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        })?;
+        Ok(Self {
+            buf,
+            len: len as usize,
+        })
+    }
+
+    fn bytes<const N: usize>(&self, offset: usize, field: &str) -> io::Result<[u8; N]> {
+        self.buf
+            .get(offset..offset + N)
+            .filter(|_| self.len >= offset + N)
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| io::Error::other(format!("kernel tcp_info too short for {field}")))
+    }
+
+    fn u64_at(&self, offset: usize, field: &str) -> io::Result<u64> {
+        self.bytes(offset, field).map(u64::from_ne_bytes)
+    }
+
+    fn u32_at(&self, offset: usize, field: &str) -> io::Result<u32> {
+        self.bytes(offset, field).map(u32::from_ne_bytes)
+    }
 }
 
 fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<u64> {
@@ -832,24 +857,7 @@ const TCPI_ADVMSS: usize = 84;
 
 /// The largest segment the socket told its peer to send (`tcpi_advmss`).
 pub fn advmss(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut buf = [0u8; TCPI_ADVMSS + 4];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: `buf` is writable for `len` bytes; the kernel writes at most `len` bytes and
-    // updates `len` with the count.
-    cvt(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    })?;
-    buf.get(TCPI_ADVMSS..TCPI_ADVMSS + 4)
-        .filter(|_| (len as usize) >= TCPI_ADVMSS + 4)
-        .and_then(|bytes| bytes.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .ok_or_else(|| io::Error::other("kernel tcp_info too short for advmss"))
+    TcpInfo::read(fd)?.u32_at(TCPI_ADVMSS, "advmss")
 }
 
 /// Delays the socket's acknowledgements where the kernel may (`TCP_QUICKACK` 0, its
