@@ -90,8 +90,12 @@ def command(variant, listen, backend):
         return [path, "--offload", "off", *extra, *where]
     if kind == "kernel":
         path, _, flags = rest.partition(":")
-        extra = [f"--{f.replace('=', ' ').split()[0]}={f.split('=', 1)[1]}"
-                 for f in flags.split(",") if f]
+        extra = []
+        for flag in filter(None, flags.split(",")):
+            name, eq, value = flag.partition("=")
+            if not (name and eq and value):
+                sys.exit(f"variant {variant!r}: {flag!r} is not name=value")
+            extra.append(f"--{name}={value}")
         return [path, "--offload", "required", *extra, *where]
     if kind == "python" and rest in ("copy", "splice"):
         return [sys.executable, __file__, "--serve", rest, *where]

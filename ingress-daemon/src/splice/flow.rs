@@ -618,11 +618,6 @@ impl Flow {
                 }) {
                     held = shut_window(fd).map_err(|e| (src, e))?;
                     reverse_seen = None;
-                    self.dirs[d].handback = Handback::Holding {
-                        clamp,
-                        held,
-                        reverse_seen,
-                    };
                 }
                 // Receive-buffer autotuning sets the clamp again whenever it grows the buffer
                 // (`tcp_rcv_space_adjust`, "make the window clamp follow along", on every
@@ -632,12 +627,12 @@ impl Flow {
                 if now != held {
                     sys::set_window_clamp(fd, held).map_err(|e| (src, e))?;
                     clamp = now.min(view.window_cap());
-                    self.dirs[d].handback = Handback::Holding {
-                        clamp,
-                        held,
-                        reverse_seen,
-                    };
                 }
+                self.dirs[d].handback = Handback::Holding {
+                    clamp,
+                    held,
+                    reverse_seen,
+                };
                 if self.dirs[d].read < view.passed() {
                     return Ok(());
                 }
