@@ -24,6 +24,8 @@ fn engine_config(config: &Config) -> splice::EngineConfig {
         soft_water_bytes: config.soft_water_bytes,
         high_water_bytes: config.high_water_bytes,
         low_water_bytes: config.low_water_bytes,
+        // As much as the gate lets be in flight (see `EngineConfig::send_buffer_bytes`).
+        send_buffer_bytes: config.high_water_bytes,
         ..splice::EngineConfig::default()
     }
 }

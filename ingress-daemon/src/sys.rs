@@ -618,6 +618,30 @@ pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
     )
 }
 
+/// Lets the send buffer hold `bytes` (`SO_SNDBUFFORCE`, past `net.core.wmem_max`, with
+/// `CAP_NET_ADMIN`; without it `SO_SNDBUF`, which the kernel caps at twice `wmem_max`). Either
+/// turns off send-buffer autotuning for the socket.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    // The kernel doubles the value for its bookkeeping overhead; ask for half.
+    let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX / 2);
+    match setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, half) {
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, half)
+        }
+        done => done,
+    }
+}
+
+/// The send buffer size (`SO_SNDBUF`, as the kernel reports it: twice the requested value).
+pub fn sndbuf(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    Ok(usize::try_from(getsockopt::<libc::c_int>(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+    )?)
+    .unwrap_or(0))
+}
+
 /// Sets `TCP_QUICKACK`: leaves the delayed-ACK mode and sends an acknowledgement that is due
 /// at once, carrying the current receive window.
 pub fn quickack(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -36,6 +36,10 @@ struct Args {
     /// In-flight bytes below which a closed gate reopens (default: the engine's).
     #[arg(long)]
     low_water_bytes: Option<u64>,
+    /// Send buffer of each socket on the kernel path; 0 leaves the kernel's autotuning
+    /// (default: the engine's).
+    #[arg(long)]
+    send_buffer_bytes: Option<u64>,
     /// Size of a relay buffer (default: the engine's).
     #[arg(long)]
     relay_buffer_bytes: Option<usize>,
@@ -66,6 +70,7 @@ async fn serve(args: Args, workers: usize) -> Result<()> {
         soft_water_bytes: args.soft_water_bytes.unwrap_or(defaults.soft_water_bytes),
         high_water_bytes: args.high_water_bytes.unwrap_or(defaults.high_water_bytes),
         low_water_bytes: args.low_water_bytes.unwrap_or(defaults.low_water_bytes),
+        send_buffer_bytes: args.send_buffer_bytes.unwrap_or(defaults.send_buffer_bytes),
         relay_buffer_bytes: args
             .relay_buffer_bytes
             .unwrap_or(defaults.relay_buffer_bytes),

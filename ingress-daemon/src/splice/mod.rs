@@ -105,6 +105,13 @@ pub struct EngineConfig {
     pub high_water_bytes: u64,
     /// Once stopped, the in-flight bytes must fall to this mark before redirecting resumes.
     pub low_water_bytes: u64,
+    /// Send buffer of each socket on the kernel path (0 leaves the kernel's autotuning, at most
+    /// `net.ipv4.tcp_wmem`'s maximum). The kernel's worker that sends redirected bytes backs
+    /// off for a clock tick whenever the destination's send buffer is full, and space coming
+    /// back does not wake it; a buffer that holds as much as the gate lets be in flight keeps
+    /// it from stopping before the gate does. The gate bounds the bytes in flight either way:
+    /// they wait in the send buffer instead of the worker's queue.
+    pub send_buffer_bytes: u64,
     /// Size of a relay buffer for a direction moving bulk data (one per direction while
     /// bytes are held; other directions read 64 KiB at a time, see `flow::BufferPool`).
     pub relay_buffer_bytes: usize,
@@ -121,6 +128,7 @@ impl Default for EngineConfig {
             soft_water_bytes: 16 << 20,
             high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
+            send_buffer_bytes: 48 << 20,
             relay_buffer_bytes: 1 << 20,
             liveness: Some(sys::Liveness {
                 keepalive_idle: Duration::from_secs(60),
@@ -739,8 +747,18 @@ impl Engine {
         // The kernel takes only established sockets into the sockhash: a pair with a direction
         // that already ended, or a side whose FIN arrived after the caller's last read, is
         // relayed in userspace instead.
+        let to_kernel = inner.kernel.is_some() && !preamble.shut.contains(&true) && !userspace;
+        if to_kernel && inner.config.send_buffer_bytes > 0 {
+            for fd in [&client, &backend] {
+                sys::set_send_buffer(std::os::fd::AsFd::as_fd(fd), inner.config.send_buffer_bytes)
+                    .map_err(|source| SpliceError::Sys {
+                        call: "SO_SNDBUF",
+                        source,
+                    })?;
+            }
+        }
         let kernel = match &inner.kernel {
-            Some(path) if !preamble.shut.contains(&true) && !userspace => match path.insert(
+            Some(path) if to_kernel => match path.insert(
                 std::os::fd::AsFd::as_fd(&client),
                 std::os::fd::AsFd::as_fd(&backend),
                 ebpf::Marks {

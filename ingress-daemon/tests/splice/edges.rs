@@ -91,6 +91,74 @@ async fn retransmission_overlapping_forwarded_bytes_arrives_once() {
     }
 }
 
+/// A flow on the kernel path gets the configured send buffer on both sockets (the kernel's
+/// worker that sends redirected bytes backs off for a clock tick whenever it finds the buffer
+/// full); a relayed flow keeps the kernel's autotuning. Set above `tcp_wmem`'s maximum, so
+/// autotuning alone cannot reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotuning() {
+    let autotune_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let want = (autotune_max * 4).max(32 << 20);
+    for (offload, userspace, kernel) in [
+        (Offload::Required, false, true),
+        (Offload::Required, true, false),
+        (Offload::Off, false, false),
+    ] {
+        let Some(engine) = engine(offload, |c| c.send_buffer_bytes = want) else {
+            continue;
+        };
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let back = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (proxy_client, _) = front.accept().unwrap();
+        let proxy_backend = std::net::TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        let (mut server, _) = back.accept().unwrap();
+        let watched = [
+            proxy_client.try_clone().unwrap(),
+            proxy_backend.try_clone().unwrap(),
+        ];
+        let spliced = engine
+            .splice(
+                OwnedFd::from(proxy_client),
+                OwnedFd::from(proxy_backend),
+                FlowOptions {
+                    userspace,
+                    ..FlowOptions::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            spliced.path == ingress_daemon::splice::Path::Sockmap,
+            kernel,
+            "{offload}, userspace {userspace}"
+        );
+        client.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        for sock in &watched {
+            let sndbuf = ingress_daemon::sys::sndbuf(std::os::fd::AsFd::as_fd(sock)).unwrap();
+            let sndbuf = u64::try_from(sndbuf).unwrap();
+            if kernel {
+                assert_eq!(sndbuf, want, "{offload}: kernel-path send buffer");
+            } else {
+                assert!(
+                    sndbuf <= autotune_max,
+                    "{offload}, userspace {userspace}: send buffer {sndbuf} set on a relayed flow"
+                );
+            }
+        }
+        engine.shutdown(Duration::ZERO).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_bytes_before_handoff_arrive_once_without_more_input() {
     for_each_mode(|engine| {
