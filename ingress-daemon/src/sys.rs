@@ -884,12 +884,6 @@ pub fn advmss(fd: BorrowedFd<'_>) -> io::Result<u32> {
     TcpInfo::read(fd)?.u32_at(TCPI_ADVMSS, "advmss")
 }
 
-/// Delays the socket's acknowledgements where the kernel may (`TCP_QUICKACK` 0, its
-/// "pingpong" mode), so that an acknowledgement is more often due for [`quickack`] to send.
-pub fn delay_acks(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0 as libc::c_int)
-}
-
 mod fdpass;
 pub use fdpass::{
     MAX_FDS_PER_MESSAGE, recv_with_fds, reserve_fds, send_with_fds, seqpacket_accept,
