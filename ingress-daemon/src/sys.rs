@@ -622,11 +622,27 @@ pub fn set_rcvbuf(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
 /// `CAP_NET_ADMIN`; without it `SO_SNDBUF`, which the kernel caps at twice `wmem_max`). Either
 /// turns off send-buffer autotuning for the socket.
 pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes)
+}
+
+/// Lets the receive buffer hold `bytes`, as [`set_send_buffer`] does for the send buffer
+/// (`SO_RCVBUFFORCE`, else `SO_RCVBUF`, capped at twice `net.core.rmem_max`). Either turns off
+/// receive-buffer autotuning and sets the window clamp to match, so set the clamp after it.
+pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)
+}
+
+fn set_buffer(
+    fd: BorrowedFd<'_>,
+    forced: libc::c_int,
+    capped: libc::c_int,
+    bytes: u64,
+) -> io::Result<()> {
     // The kernel doubles the value for its bookkeeping overhead; ask for half.
     let half = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX / 2);
-    match setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, half) {
+    match setsockopt(fd, libc::SOL_SOCKET, forced, half) {
         Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
-            setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, half)
+            setsockopt(fd, libc::SOL_SOCKET, capped, half)
         }
         done => done,
     }
@@ -882,6 +898,12 @@ const TCPI_ADVMSS: usize = 84;
 /// The largest segment the socket told its peer to send (`tcpi_advmss`).
 pub fn advmss(fd: BorrowedFd<'_>) -> io::Result<u32> {
     TcpInfo::read(fd)?.u32_at(TCPI_ADVMSS, "advmss")
+}
+
+/// Delays the socket's acknowledgements where the kernel may (`TCP_QUICKACK` 0, its
+/// "pingpong" mode), so that an acknowledgement is more often due for [`quickack`] to send.
+pub fn delay_acks(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0 as libc::c_int)
 }
 
 mod fdpass;

@@ -40,6 +40,10 @@ struct Args {
     /// (default: the engine's).
     #[arg(long)]
     send_buffer_bytes: Option<u64>,
+    /// Receive buffer of each socket on the kernel path; 0 leaves the kernel's autotuning
+    /// (default: the engine's).
+    #[arg(long)]
+    receive_buffer_bytes: Option<u64>,
     /// Size of a relay buffer (default: the engine's).
     #[arg(long)]
     relay_buffer_bytes: Option<usize>,
@@ -71,6 +75,9 @@ async fn serve(args: Args, workers: usize) -> Result<()> {
         high_water_bytes: args.high_water_bytes.unwrap_or(defaults.high_water_bytes),
         low_water_bytes: args.low_water_bytes.unwrap_or(defaults.low_water_bytes),
         send_buffer_bytes: args.send_buffer_bytes.unwrap_or(defaults.send_buffer_bytes),
+        receive_buffer_bytes: args
+            .receive_buffer_bytes
+            .unwrap_or(defaults.receive_buffer_bytes),
         relay_buffer_bytes: args
             .relay_buffer_bytes
             .unwrap_or(defaults.relay_buffer_bytes),

@@ -169,34 +169,34 @@ struct Dir {
 ///
 /// When the verdict reports congestion (more than `soft_water` in flight, one ring-buffer
 /// event), the daemon holds the source's receive window down to one segment
-/// (`TCP_WINDOW_CLAMP` at the socket's advertised MSS). Once the sender has used the window
-/// it was already offered, it may send one segment per round trip: the kernel acknowledges
-/// each segment as the verdict takes it. That brakes a sender on a real path (1,448 bytes per
-/// round trip) and hardly one on loopback, where the gate at the high mark is what bounds the
-/// bytes in flight. Every byte stays on the kernel path. The window opens again once the
-/// destination has drained to the low-water mark: the clamp is restored, and an
-/// acknowledgement that is due goes out at once (`TCP_QUICKACK`), carrying the open window.
+/// (`TCP_WINDOW_CLAMP` at the socket's advertised MSS) and delays its acknowledgements
+/// (`TCP_QUICKACK` off). Once the sender has used the window it was already offered, it may
+/// send one segment per round trip: the kernel acknowledges each segment as the verdict takes
+/// it. That brakes a sender on a real path (1,448 bytes per round trip) and hardly one on
+/// loopback, where the gate at the high mark is what bounds the bytes in flight. Every byte
+/// stays on the kernel path. The window opens again once the destination has drained to the
+/// low-water mark: the clamp is restored and an acknowledgement that is due goes out at once
+/// (`TCP_QUICKACK` on), carrying the open window.
 ///
-/// Nothing may leave the sender offered less than one segment with nothing left to
-/// acknowledge. Such a sender sends nothing (silly-window avoidance), so nothing arrives for
-/// the receiver to acknowledge, the kernel sends no window update by itself, and the sender
-/// learns of the open window from its own persist timer: 200 ms at least, doubling while the
-/// window stays shut. The receiver cannot send the update sooner: the kernel's window probe
-/// (`TCP_REPAIR` on then off) goes out one byte before the peer's window and the peer
-/// discards it, and `TCP_QUICKACK` sends only an acknowledgement that is due. Hence:
-/// - the window is held at one segment, not at zero, so each segment the sender may still
-///   send is acknowledged with the window of that moment, and the first one after the
-///   reopening carries the open window;
-/// - acknowledgements are not delayed during the hold. Delayed (`TCP_QUICKACK` off), a
-///   sender whose segments do not fill the one-segment window exactly was left with a
-///   remainder smaller than its next segment once the delayed acknowledgement went out, and
-///   waited for its persist timer: in 2 GiB transfers on loopback, 40 % of the runs stalled
-///   200 ms at 2 to 17 holds (4 to 20 Gbit/s); with prompt acknowledgements none of 10 did
-///   (16.5 to 21 Gbit/s).
+/// The window is held at one segment, not at zero, so that the sender learns at once that it
+/// reopened. A sender offered less than one segment sends nothing (silly-window avoidance),
+/// so nothing arrives for the receiver to acknowledge, the kernel sends no window update by
+/// itself, and the sender learns of the open window from its own persist timer: 200 ms at
+/// least, doubling while the window stays shut. The receiver cannot send the update sooner:
+/// the kernel's window probe (`TCP_REPAIR` on then off, which this engine used to toggle) goes
+/// out one byte before the peer's window and the peer discards it, and `TCP_QUICKACK` sends
+/// only an acknowledgement that is due. On loopback, where the kernel path's kworker lags a
+/// fast sender by 16 MiB every 40 MB or so, each zero-window hold cost the flow 200 ms, and
+/// the kernel path moved 1.2 Gbit/s where it now moves 3 to 4.
 ///
-/// Zero-window holds cost the flow 200 ms each for the same reason; on loopback, where the
-/// kernel path's kworker lags a fast sender by 16 MiB every 40 MB or so, the kernel path
-/// moved 1.2 Gbit/s when every hold was one.
+/// Delaying the acknowledgements is what makes the hold a brake on loopback: the sender waits
+/// for the delayed acknowledgement of its one segment. Without it (tried), TLS bulk flows,
+/// whose receivers decrypt slower than their senders encrypt, ran into the gate 9 to 16 times
+/// per 6 GiB (each a zero window, 200 ms) where they now close it none. The one risk of the
+/// delay is a window that reopens short: with the receive buffer left to autotuning (often
+/// 1 to 5 MB when a hold began), 4 of 10 plaintext 2 GiB transfers were left offered less
+/// than a segment after the reopening and stalled 200 ms. With the engine's fixed receive
+/// buffer (`EngineConfig::receive_buffer_bytes`) none of 6 did.
 ///
 /// A one-segment window holds nothing while the reverse direction moves (every segment this
 /// socket sends carries the window) or while the gate passes bytes (each read of them is
@@ -239,8 +239,8 @@ enum Handback {
 }
 
 /// Holds the window of `fd` and returns the clamp to restore (at most `cap`): to one segment
-/// when `reverse_seen` is the byte count of the direction that writes to `fd` (to tell later
-/// whether it moved meanwhile), to zero when it is `None`.
+/// with acknowledgements delayed when `reverse_seen` is the byte count of the direction that
+/// writes to `fd` (to tell later whether it moved meanwhile), to zero when it is `None`.
 fn hold_window(
     fd: std::os::fd::BorrowedFd<'_>,
     cap: u32,
@@ -250,6 +250,7 @@ fn hold_window(
     let clamp = sys::window_clamp(fd)?.min(cap);
     let held = if reverse_seen.is_some() {
         sys::set_window_clamp(fd, sys::advmss(fd)?)?;
+        sys::delay_acks(fd)?;
         sys::window_clamp(fd)?
     } else {
         shut_window(fd)?

@@ -112,6 +112,11 @@ pub struct EngineConfig {
     /// it from stopping before the gate does. The gate bounds the bytes in flight either way:
     /// they wait in the send buffer instead of the worker's queue.
     pub send_buffer_bytes: u64,
+    /// Receive buffer of each socket on the kernel path (0 leaves the kernel's autotuning). An
+    /// autotuned buffer can be small when a congestion hold ends (its window is computed from
+    /// it); a fixed one keeps the reopened window whole. It is a bound, not an allocation: the
+    /// window cap and the gate bound what it holds.
+    pub receive_buffer_bytes: u64,
     /// Size of a relay buffer for a direction moving bulk data (one per direction while
     /// bytes are held; other directions read 64 KiB at a time, see `flow::BufferPool`).
     pub relay_buffer_bytes: usize,
@@ -129,6 +134,7 @@ impl Default for EngineConfig {
             high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
             send_buffer_bytes: 48 << 20,
+            receive_buffer_bytes: 32 << 20,
             relay_buffer_bytes: 1 << 20,
             liveness: Some(sys::Liveness {
                 keepalive_idle: Duration::from_secs(60),
@@ -724,6 +730,32 @@ impl Engine {
                 })?;
             }
         }
+        // The kernel takes only established sockets into the sockhash: a pair with a direction
+        // that already ended, or a side whose FIN arrived after the caller's last read, is
+        // relayed in userspace instead.
+        let to_kernel = inner.kernel.is_some() && !preamble.shut.contains(&true) && !userspace;
+        if to_kernel {
+            // Before the clamp below: a fixed receive buffer sets the clamp to match.
+            for fd in [&client, &backend] {
+                let fd = std::os::fd::AsFd::as_fd(fd);
+                if inner.config.receive_buffer_bytes > 0 {
+                    sys::set_receive_buffer(fd, inner.config.receive_buffer_bytes).map_err(
+                        |source| SpliceError::Sys {
+                            call: "SO_RCVBUF",
+                            source,
+                        },
+                    )?;
+                }
+                if inner.config.send_buffer_bytes > 0 {
+                    sys::set_send_buffer(fd, inner.config.send_buffer_bytes).map_err(|source| {
+                        SpliceError::Sys {
+                            call: "SO_SNDBUF",
+                            source,
+                        }
+                    })?;
+                }
+            }
+        }
         if inner.kernel.is_some() {
             // A window already offered cannot be taken back: after the daemon closes a window at
             // the soft mark, the sender may still send up to the edge it was offered. Capping
@@ -742,19 +774,6 @@ impl Engine {
                         source,
                     }
                 })?;
-            }
-        }
-        // The kernel takes only established sockets into the sockhash: a pair with a direction
-        // that already ended, or a side whose FIN arrived after the caller's last read, is
-        // relayed in userspace instead.
-        let to_kernel = inner.kernel.is_some() && !preamble.shut.contains(&true) && !userspace;
-        if to_kernel && inner.config.send_buffer_bytes > 0 {
-            for fd in [&client, &backend] {
-                sys::set_send_buffer(std::os::fd::AsFd::as_fd(fd), inner.config.send_buffer_bytes)
-                    .map_err(|source| SpliceError::Sys {
-                        call: "SO_SNDBUF",
-                        source,
-                    })?;
             }
         }
         let kernel = match &inner.kernel {

@@ -91,26 +91,38 @@ async fn retransmission_overlapping_forwarded_bytes_arrives_once() {
     }
 }
 
-/// A flow on the kernel path gets the configured send buffer on both sockets (the kernel's
-/// worker that sends redirected bytes backs off for a clock tick whenever it finds the buffer
-/// full); a relayed flow keeps the kernel's autotuning. Set above `tcp_wmem`'s maximum, so
-/// autotuning alone cannot reach it.
+/// A flow on the kernel path gets the configured send and receive buffers on both sockets (the
+/// kernel's worker that sends redirected bytes backs off for a clock tick whenever it finds the
+/// send buffer full; an autotuned receive buffer can be small when a hold ends), and its window
+/// clamp is still the cap (fixing the receive buffer resets the clamp); a relayed flow keeps
+/// the kernel's autotuning. Set above the autotuning maximum, so autotuning alone cannot reach
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotuning() {
-    let autotune_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
-        .unwrap()
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let want = (autotune_max * 4).max(32 << 20);
+    let autotune_max = |sysctl: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}"))
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (wmem_max, rmem_max) = (autotune_max("tcp_wmem"), autotune_max("tcp_rmem"));
+    let want = (wmem_max * 4).max(32 << 20);
+    let want_rcv = (rmem_max * 2).max(64 << 20);
+    let (soft, high) = (16u64 << 20, 48u64 << 20);
     for (offload, userspace, kernel) in [
         (Offload::Required, false, true),
         (Offload::Required, true, false),
         (Offload::Off, false, false),
     ] {
-        let Some(engine) = engine(offload, |c| c.send_buffer_bytes = want) else {
+        let Some(engine) = engine(offload, |c| {
+            c.send_buffer_bytes = want;
+            c.receive_buffer_bytes = want_rcv;
+            c.soft_water_bytes = soft;
+            c.high_water_bytes = high;
+        }) else {
             continue;
         };
         let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -144,14 +156,22 @@ async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotunin
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
         for sock in &watched {
-            let sndbuf = ingress_daemon::sys::sndbuf(std::os::fd::AsFd::as_fd(sock)).unwrap();
-            let sndbuf = u64::try_from(sndbuf).unwrap();
+            let fd = std::os::fd::AsFd::as_fd(sock);
+            let sndbuf = u64::try_from(ingress_daemon::sys::sndbuf(fd).unwrap()).unwrap();
+            let rcvbuf = u64::try_from(ingress_daemon::sys::rcvbuf(fd).unwrap()).unwrap();
             if kernel {
                 assert_eq!(sndbuf, want, "{offload}: kernel-path send buffer");
+                assert_eq!(rcvbuf, want_rcv, "{offload}: kernel-path receive buffer");
+                let clamp = u64::from(ingress_daemon::sys::window_clamp(fd).unwrap());
+                assert!(
+                    clamp <= (high - soft) / 3,
+                    "{offload}: window clamp {clamp} above the cap"
+                );
             } else {
                 assert!(
-                    sndbuf <= autotune_max,
-                    "{offload}, userspace {userspace}: send buffer {sndbuf} set on a relayed flow"
+                    sndbuf <= wmem_max && rcvbuf <= rmem_max,
+                    "{offload}, userspace {userspace}: buffers {sndbuf} / {rcvbuf} set on a \
+                     relayed flow"
                 );
             }
         }
