@@ -112,10 +112,11 @@ pub struct EngineConfig {
     /// it from stopping before the gate does. The gate bounds the bytes in flight either way:
     /// they wait in the send buffer instead of the worker's queue.
     pub send_buffer_bytes: u64,
-    /// Receive buffer of each socket on the kernel path (0 leaves the kernel's autotuning). An
-    /// autotuned buffer can be small when a congestion hold ends (its window is computed from
-    /// it); a fixed one keeps the reopened window whole. It is a bound, not an allocation: the
-    /// window cap and the gate bound what it holds.
+    /// Receive buffer of each socket on the kernel path, raised to twice the window cap where
+    /// the marks make that larger (0 leaves the kernel's autotuning). An autotuned buffer can
+    /// be small when a congestion hold ends (its window is computed from it); a fixed one keeps
+    /// the reopened window whole. It is a bound, not an allocation: the window cap and the gate
+    /// bound what it holds.
     pub receive_buffer_bytes: u64,
     /// Size of a relay buffer for a direction moving bulk data (one per direction while
     /// bytes are held; other directions read 64 KiB at a time, see `flow::BufferPool`).
@@ -734,17 +735,24 @@ impl Engine {
         // that already ended, or a side whose FIN arrived after the caller's last read, is
         // relayed in userspace instead.
         let to_kernel = inner.kernel.is_some() && !preamble.shut.contains(&true) && !userspace;
+        let cap = window_cap(inner.config.soft_water_bytes, inner.config.high_water_bytes);
         if to_kernel {
-            // Before the clamp below: a fixed receive buffer sets the clamp to match.
+            // Before the clamp below: a fixed receive buffer sets the clamp to match. At least
+            // twice the cap (the kernel offers about half a buffer as window), so that the cap
+            // and not the buffer bounds the window when the marks are raised.
+            let receive_buffer = match inner.config.receive_buffer_bytes {
+                0 => 0,
+                bytes => bytes.max(2 * u64::from(cap)),
+            };
             for fd in [&client, &backend] {
                 let fd = std::os::fd::AsFd::as_fd(fd);
-                if inner.config.receive_buffer_bytes > 0 {
-                    sys::set_receive_buffer(fd, inner.config.receive_buffer_bytes).map_err(
-                        |source| SpliceError::Sys {
+                if receive_buffer > 0 {
+                    sys::set_receive_buffer(fd, receive_buffer).map_err(|source| {
+                        SpliceError::Sys {
                             call: "SO_RCVBUF",
                             source,
-                        },
-                    )?;
+                        }
+                    })?;
                 }
                 if inner.config.send_buffer_bytes > 0 {
                     sys::set_send_buffer(fd, inner.config.send_buffer_bytes).map_err(|source| {
@@ -766,7 +774,6 @@ impl Engine {
             // 32 MiB here, and the gate then closed in bulk transfers).
             // Receive-buffer autotuning raises the clamp again as it grows the buffer; the
             // cap is put back whenever a hold ends (`flow::Handback`).
-            let cap = window_cap(inner.config.soft_water_bytes, inner.config.high_water_bytes);
             for fd in [&client, &backend] {
                 sys::set_window_clamp(std::os::fd::AsFd::as_fd(fd), cap).map_err(|source| {
                     SpliceError::Sys {
