@@ -195,8 +195,8 @@ struct Dir {
 /// per 6 GiB (each a zero window, 200 ms) where they now close it none. The one risk of the
 /// delay is a window that reopens short: with the receive buffer left to autotuning (often
 /// 1 to 5 MB when a hold began), 4 of 10 plaintext 2 GiB transfers were left offered less
-/// than a segment after the reopening and stalled 200 ms. With the engine's fixed receive
-/// buffer (`EngineConfig::receive_buffer_bytes`) none of 6 did.
+/// than a segment after the reopening and stalled 200 ms. With a fixed 32 MiB receive buffer
+/// (`EngineConfig::receive_buffer_bytes`, off by default, see there) none of 6 did.
 ///
 /// A one-segment window holds nothing while the reverse direction moves (every segment this
 /// socket sends carries the window) or while the gate passes bytes (each read of them is
