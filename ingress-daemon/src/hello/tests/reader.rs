@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::CAPTURED;
 use super::parse::{build_hello, message_of, records, sni_ext};
-use crate::hello::reader::PEEKS;
+use crate::hello::reader::{PEEKS, pooled_buffers};
 use crate::hello::{DEFAULT_MAX_HELLO_BYTES, HelloError, read_client_hello};
 
 /// A connected (client, server) pair on 127.0.0.1.
@@ -148,6 +148,42 @@ async fn two_kilobyte_hello_in_two_records_and_two_segments_is_read() {
     assert_eq!(info.len, bytes.len());
     let _client = writer.await.expect("writer");
     assert_still_queued(&mut server, &bytes).await;
+}
+
+#[tokio::test]
+async fn a_reused_peek_buffer_never_shows_an_earlier_hello() {
+    // One thread: each read takes the buffer the one before gave back.
+    let first = records(
+        &build_hello(&[sni_ext(&[b"first.example.test"]), (21, vec![0; 1500])]),
+        &[],
+    );
+    let (mut client, server) = pair().await;
+    client.write_all(&first).await.expect("write");
+    let info = read(&server, 5000).await.expect("first hello");
+    assert_eq!(info.sni.as_deref(), Some("first.example.test"));
+    let pooled = pooled_buffers();
+    assert!(pooled >= 1, "the buffer went back to the pool");
+
+    // The head of a shorter hello, then the end of the stream: the earlier hello's bytes
+    // still in the buffer must not complete it.
+    let second = records(&build_hello(&[sni_ext(&[b"second.example.test"])]), &[]);
+    let (mut client, server) = pair().await;
+    client.write_all(&second[..40]).await.expect("write");
+    client.shutdown().await.expect("shutdown");
+    let err = read(&server, 5000).await.expect_err("cut short");
+    assert_eq!(err.reason(), "closed", "{err}");
+
+    let third = records(&build_hello(&[sni_ext(&[b"third.example.test"])]), &[]);
+    let (mut client, server) = pair().await;
+    client.write_all(&third).await.expect("write");
+    let info = read(&server, 5000).await.expect("third hello");
+    assert_eq!(info.sni.as_deref(), Some("third.example.test"));
+    assert_eq!(info.len, third.len());
+    assert_eq!(
+        pooled_buffers(),
+        pooled,
+        "reads take and give back the same buffers"
+    );
 }
 
 #[tokio::test]
