@@ -418,6 +418,21 @@ pub fn cpu_time() -> io::Result<Duration> {
     ))
 }
 
+/// Microseconds on `CLOCK_MONOTONIC`, the clock of [`std::time::Instant`] on Linux, read
+/// without `Instant`'s checks: about half the instructions of `Instant::now()`.
+#[inline]
+pub fn monotonic_micros() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid out-pointer for the duration of the call; `CLOCK_MONOTONIC`
+    // always exists on Linux, so the call cannot fail (a zero time would only misdate lines).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(now.tv_nsec).unwrap_or(0) / 1000
+}
+
 /// The soft and hard `RLIMIT_NOFILE`.
 pub fn nofile_limit() -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {

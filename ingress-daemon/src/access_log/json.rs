@@ -5,7 +5,10 @@
 //! formatted once per second ([`Dates`]). The small writers are inlined into the line
 //! writer (a call costs about as much as writing a short value); escaping is out of line.
 
-use std::{io::Write as _, net::SocketAddr};
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
+};
 
 /// `00` to `99`.
 const PAIRS: [[u8; 2]; 100] = {
@@ -27,6 +30,22 @@ fn pair(n: u64) -> [u8; 2] {
 #[inline(always)]
 fn digit(n: u64) -> u8 {
     b'0' + (n % 10) as u8
+}
+
+/// `n` (below 100,000) in decimal, as the first `len` of eight bytes. No loop and no branch:
+/// the five digits are built in one word, then shifted past the leading zeros. For ports, which
+/// mostly have five digits (a digit loop is cheaper for the short numbers of other fields).
+#[inline(always)]
+fn five(n: u64) -> ([u8; 8], usize) {
+    let len = 1
+        + usize::from(n >= 10)
+        + usize::from(n >= 100)
+        + usize::from(n >= 1000)
+        + usize::from(n >= 10_000);
+    let [h0, h1] = pair(n / 100);
+    let [l0, l1] = pair(n);
+    let word = u64::from_le_bytes([digit(n / 10_000), h0, h1, l0, l1, 0, 0, 0]);
+    ((word >> (8 * (5 - len))).to_le_bytes(), len)
 }
 
 /// An unsigned integer in decimal. Up to five digits (ports, most byte counts and IDs) take
@@ -125,24 +144,10 @@ pub(super) fn body(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-/// A key and an optional text: `open` (the key and the opening quote), the text and the
-/// closing quote, or `null` (the key and `null`).
-#[inline(always)]
-pub(super) fn field(out: &mut Vec<u8>, open: &[u8], null: &[u8], value: Option<&[u8]>) {
-    match value {
-        Some(value) => {
-            out.extend_from_slice(open);
-            body(out, value);
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(null),
-    }
-}
-
 /// Appends the first `len` bytes of `buf`. The whole buffer is copied and the rest cut off
 /// again: a copy of constant size is a few moves, one of variable size a call to `memcpy`.
 #[inline(always)]
-fn put<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
+pub(super) fn put<const N: usize>(out: &mut Vec<u8>, buf: &[u8; N], len: usize) {
     out.extend_from_slice(buf);
     out.truncate(out.len() - (N - len.min(N)));
 }
@@ -175,9 +180,55 @@ fn put_uint(buf: &mut [u8], at: usize, n: u64) -> usize {
     end
 }
 
+/// Bytes a [`Run`] holds in place: three vector moves.
+const RUN_BYTES: usize = 96;
+
+/// Bytes written as they are, built once and appended many times: the daemon's names after
+/// their keys, and the runs built from an ingress's or a rule's name. A short run is appended
+/// as one copy of constant size ([`put`]), which costs a few moves where a copy of variable
+/// size costs a call to `memcpy`.
+#[derive(Debug, Clone)]
+pub(super) enum Run {
+    /// Up to [`RUN_BYTES`], padded.
+    Short {
+        /// The bytes, then padding.
+        bytes: [u8; RUN_BYTES],
+        /// How many are the run's.
+        len: usize,
+    },
+    /// Longer runs (long names).
+    Long(Box<[u8]>),
+}
+
+impl Run {
+    /// A run of `bytes`.
+    pub(super) fn new(bytes: &[u8]) -> Self {
+        let mut short = [0u8; RUN_BYTES];
+        match short.get_mut(..bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                Self::Short {
+                    bytes: short,
+                    len: bytes.len(),
+                }
+            }
+            None => Self::Long(bytes.into()),
+        }
+    }
+
+    /// Appends the run to `out`.
+    #[inline(always)]
+    pub(super) fn append(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Short { bytes, len } => put(out, bytes, *len),
+            Self::Long(bytes) => out.extend_from_slice(bytes),
+        }
+    }
+}
+
 #[cold]
 #[inline(never)]
-fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(super) fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     for &b in String::from_utf8_lossy(bytes).as_bytes() {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -224,37 +275,62 @@ const OCTETS: [[u8; 4]; 256] = {
     table
 };
 
+/// `"1.2.3.4:`, the start of a quoted IPv4 socket address, in a buffer with room for the
+/// port and the closing quote (`"255.255.255.255:65535"` is 23 bytes). Clients and backends
+/// repeat, so the line writer keeps the last one built.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct V4Head {
+    /// Room for the head (at most 17 bytes), the port's eight-byte word and the quote.
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl V4Head {
+    /// The start of `ip`'s addresses: each octet writes three bytes and advances by its digits
+    /// and a dot; the last dot becomes the colon.
+    #[inline(always)]
+    pub(super) fn new(ip: Ipv4Addr) -> Self {
+        let mut buf = [0u8; 32];
+        buf[0] = b'"';
+        let mut at = 1;
+        for o in ip.octets() {
+            let [len, digits @ ..] = OCTETS[usize::from(o)];
+            if let Some(dst) = buf.get_mut(at..at + 3) {
+                dst.copy_from_slice(&digits);
+            }
+            at += usize::from(len);
+            if let Some(dot) = buf.get_mut(at) {
+                *dot = b'.';
+            }
+            at += 1;
+        }
+        if let Some(colon) = buf.get_mut(at - 1) {
+            *colon = b':';
+        }
+        Self { buf, len: at }
+    }
+
+    /// Appends the quoted address with `port`, built on the stack and copied once.
+    #[inline(always)]
+    pub(super) fn write(&self, out: &mut Vec<u8>, port: u16) {
+        let mut buf = self.buf;
+        let (digits, len) = five(u64::from(port));
+        let at = self.len;
+        if let Some(dst) = buf.get_mut(at..at + 8) {
+            dst.copy_from_slice(&digits);
+        }
+        if let Some(quote) = buf.get_mut(at + len) {
+            *quote = b'"';
+        }
+        put(out, &buf, at + len + 1);
+    }
+}
+
 /// A quoted socket address (`1.2.3.4:5`, `[::1]:5`) or `null`.
 #[inline(always)]
 pub(super) fn addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
     match addr {
-        Some(SocketAddr::V4(addr)) => {
-            // Built on the stack and copied once: each octet writes three bytes and advances
-            // by its digits and a dot (`"255.255.255.255:65535"` is 23 bytes).
-            let mut buf = [0u8; 24];
-            buf[0] = b'"';
-            let mut at = 1;
-            for o in addr.ip().octets() {
-                let [len, digits @ ..] = OCTETS[usize::from(o)];
-                if let Some(dst) = buf.get_mut(at..at + 3) {
-                    dst.copy_from_slice(&digits);
-                }
-                at += usize::from(len);
-                if let Some(dot) = buf.get_mut(at) {
-                    *dot = b'.';
-                }
-                at += 1;
-            }
-            // The last dot becomes the colon.
-            if let Some(colon) = buf.get_mut(at - 1) {
-                *colon = b':';
-            }
-            at = put_uint(&mut buf, at, u64::from(addr.port()));
-            if let Some(quote) = buf.get_mut(at) {
-                *quote = b'"';
-            }
-            put(out, &buf, at + 1);
-        }
+        Some(SocketAddr::V4(addr)) => V4Head::new(*addr.ip()).write(out, addr.port()),
         Some(addr @ SocketAddr::V6(_)) => {
             let _ = write!(out, "\"{addr}\"");
         }
@@ -364,7 +440,7 @@ mod tests {
             assert_eq!(written(|o| uint(o, n)), n.to_string());
         }
         for ip in ["0.0.0.0", "1.20.255.9", "255.255.255.255", "10.100.99.101"] {
-            for port in [0u16, 7, 80, 443, 5432, 65_535] {
+            for port in [0u16, 7, 10, 99, 80, 443, 1000, 5432, 9999, 10_000, 65_535] {
                 let a = SocketAddr::new(ip.parse().unwrap(), port);
                 assert_eq!(written(|o| addr(o, Some(a))), format!("\"{a}\""));
             }
@@ -372,7 +448,19 @@ mod tests {
         let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         assert_eq!(written(|o| addr(o, Some(v6))), format!("\"{v6}\""));
         assert_eq!(written(|o| addr(o, None)), "null");
-        for micros in [0u64, 1, 999, 1000, 1_001, 12_345_678, 999_999_999] {
+        for micros in [
+            0u64,
+            1,
+            999,
+            1000,
+            1_001,
+            12_345_678,
+            99_999_999,
+            100_000_000,
+            100_000_999,
+            999_999_999,
+            u64::MAX,
+        ] {
             let expected = format!("{}.{:03}", micros / 1000, micros % 1000);
             assert_eq!(written(|o| millis(o, micros)), expected);
         }
@@ -425,6 +513,12 @@ mod tests {
             "ab\u{1}",
         ] {
             assert!(!is_plain(special.as_bytes()), "{special:?}");
+        }
+        // Every length around the word copies' edges keeps its bytes.
+        let long: String = ('a'..='z').cycle().take(70).collect();
+        for len in 0..=long.len() {
+            let s = long.get(..len).unwrap_or_default();
+            assert_eq!(written(|o| body(o, s.as_bytes())), s, "{len}");
         }
         assert_eq!(written(|o| text(o, b"h2\xff")), "\"h2\u{fffd}\"");
         assert_eq!(written(|o| text(o, b"\x08\x0c")), "\"\\u0008\\u000c\"");

@@ -1,25 +1,26 @@
 //! The access log: one JSON line per finished flow and per refused connection.
 //!
-//! Design: the data path never waits for it. A record is moved (not formatted) into a bounded
-//! queue, a `Vec` behind a mutex that is only ever held for a push or a swap; when the queue is
-//! full the record is dropped and counted (`ingressd_access_log_dropped_total`). A dedicated
-//! thread takes the whole queue every `BATCH_INTERVAL` (one swap), formats it and writes it:
-//! one `write` per batch, so a line is never split and an idle daemon has written everything.
-//! With `access_log = "off"` there is no queue, no thread and the data path builds no record.
+//! Design: the data path never waits for I/O. A record is a view of what the connection's
+//! task knows (borrowed, nothing copied); it is formatted straight into a bounded batch, a byte
+//! buffer behind a mutex that is held for one line's formatting (a few hundred instructions,
+//! no allocation once the buffer has grown) or for the writer's swap. When the batch is full
+//! the line is dropped and counted (`ingressd_access_log_dropped_total`). A dedicated thread
+//! takes the whole batch every `BATCH_INTERVAL` (one swap) and writes it: one `write` per
+//! batch, so a line is never split and an idle daemon has written everything. With
+//! `access_log = "off"` there is no batch, no thread and the data path builds no record.
 //!
-//! Cost: a record carries no heap allocation (see [`LogText`]), is moved once into the queue
-//! and formatted where it lies; its wall-clock time comes from the monotonic clock plus an
-//! offset the writer refreshes ([`AccessLog::unix_micros_at`]); the writer formats by hand
-//! ([`json`]). Measured with callgrind in the README's "Cost" section.
+//! Cost: formatting where the values lie saves building a record, copying its texts, moving
+//! it through a queue and dropping it on another thread (about a third of the log's cost when
+//! records were queued and formatted by the writer). A record's wall-clock time comes from the
+//! monotonic clock plus an offset the writer refreshes ([`AccessLog::unix_micros_at`]); lines
+//! are formatted by hand ([`json`]). Measured with callgrind in the README's "Cost" section.
 //!
 //! # Layout
-//! - `text`: [`LogText`], the record's texts, shared or copied in place.
 //! - `json`: the JSON value writers and the once-per-second date cache.
-//! - `line`: a record as one line, keys and the daemon's names written in precomputed runs.
+//! - `line`: a record as one line, keys and names written in precomputed runs.
 
 mod json;
 mod line;
-mod text;
 
 use std::{
     io::Write,
@@ -34,24 +35,24 @@ use std::{
 
 use tokio::sync::oneshot;
 
-pub use text::{LogText, SHORT_INLINE_BYTES};
-
 use crate::{
     config,
     metrics::{FlowPath, Metrics},
     model::Mode,
     proxy::Reason,
     splice::FlowEnd,
+    sys,
 };
 
-/// Records waiting for the writer at most; beyond, records are dropped and counted.
-const QUEUE_RECORDS: usize = 16_384;
+/// Bytes of lines waiting for the writer at most (~20,000 lines); beyond, lines are dropped
+/// and counted.
+const BATCH_BYTES: usize = 8 << 20;
 
-/// How often the writer takes what is queued (so at most ~160,000 records a second).
+/// How often the writer takes what is waiting (so at most ~400,000 lines a second).
 const BATCH_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Queue capacity (in records) the writer keeps between batches; a burst's is given back.
-const SPARE_RECORDS: usize = 1024;
+/// Batch capacity the writer keeps between batches; a burst's is given back.
+const SPARE_BYTES: usize = 256 << 10;
 
 /// Why the access log could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -94,24 +95,34 @@ pub enum Outcome {
     },
 }
 
-/// One access log record: what the data path knew about the connection.
+/// An instance name: the route table's, or rendered for the connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Name<'a> {
+    /// Shared with the route table (a template without captures, the default target).
+    Shared(&'a Arc<str>),
+    /// Rendered from a pattern's captures.
+    Text(&'a str),
+}
+
+/// One access log record: what the data path knew about the connection, borrowed from it.
 #[derive(Debug, Clone)]
-pub struct Record {
+pub struct Record<'a> {
     /// When the flow ended or the connection was refused, in microseconds since the Unix epoch
-    /// (see [`unix_micros`]; integers keep the record small).
+    /// (see [`unix_micros`]).
     pub time_micros: u64,
     /// The ingress name.
-    pub ingress: Arc<str>,
+    pub ingress: &'a Arc<str>,
     /// The matched rule's SNI pattern (`default` for the default target).
-    pub rule: Option<Arc<str>>,
+    pub rule: Option<&'a Arc<str>>,
     /// The client's address.
     pub client: SocketAddr,
     /// The server name of the ClientHello.
-    pub sni: Option<LogText>,
-    /// ALPN: negotiated (terminate) or the client's first offer (passthrough).
-    pub alpn: Option<LogText<SHORT_INLINE_BYTES>>,
-    /// The target instance (names without captures are shared with the route table).
-    pub instance: Option<LogText<SHORT_INLINE_BYTES>>,
+    pub sni: Option<&'a str>,
+    /// ALPN: negotiated (terminate) or the client's first offer (passthrough); bytes that are
+    /// not UTF-8 are shown lossily.
+    pub alpn: Option<&'a [u8]>,
+    /// The target instance.
+    pub instance: Option<Name<'a>>,
     /// The backend address.
     pub backend: Option<SocketAddr>,
     /// `passthrough` or `terminate`.
@@ -122,7 +133,7 @@ pub struct Record {
     pub outcome: Outcome,
 }
 
-impl Record {
+impl Record<'_> {
     /// Appends the record as one JSON line (with its newline) to `out`.
     ///
     /// Written by hand rather than through `serde_json`: the keys are fixed and the values
@@ -138,22 +149,25 @@ pub fn unix_micros(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// Records waiting for the writer and flushes waiting for their answer.
+/// Lines waiting for the writer, the formatting state, and flushes waiting for their answer.
 #[derive(Default)]
 struct Queue {
-    records: Vec<Record>,
+    bytes: Vec<u8>,
+    lines: u64,
+    line: line::Line,
     flushes: Vec<oneshot::Sender<()>>,
 }
 
 /// What the data path and the writer share.
 struct Shared {
     queue: Mutex<Queue>,
-    /// Wall clock minus monotonic clock, in microseconds, refreshed by the writer on each
-    /// batch: a record's time costs one monotonic clock read (which the data path usually
-    /// already has) instead of a second, wall-clock read and its conversion.
+    /// Wall clock minus monotonic clock ([`sys::monotonic_micros`]), in microseconds,
+    /// refreshed by the writer on each batch: a record's time costs one monotonic clock read
+    /// instead of a wall-clock read and its conversion.
     wall_offset_micros: AtomicU64,
-    /// The monotonic clock's origin for `wall_offset_micros`.
+    /// An instant and the same instant on [`sys::monotonic_micros`], to place an `Instant`.
     origin: Instant,
+    origin_micros: u64,
 }
 
 impl Shared {
@@ -162,6 +176,7 @@ impl Shared {
             queue: Mutex::default(),
             wall_offset_micros: AtomicU64::new(0),
             origin: Instant::now(),
+            origin_micros: sys::monotonic_micros(),
         }
     }
 
@@ -173,7 +188,7 @@ impl Shared {
 
     fn refresh_wall_offset(&self) {
         let wall = unix_micros(SystemTime::now());
-        let mono = micros(self.origin.elapsed());
+        let mono = sys::monotonic_micros();
         self.wall_offset_micros
             .store(wall.wrapping_sub(mono), Ordering::Relaxed);
     }
@@ -181,7 +196,7 @@ impl Shared {
 
 /// A duration in whole microseconds (saturating after ~584,000 years).
 #[inline]
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     d.as_secs()
         .saturating_mul(1_000_000)
         .saturating_add(u64::from(d.subsec_micros()))
@@ -248,18 +263,62 @@ impl AccessLog {
             Some(shared) => shared
                 .wall_offset_micros
                 .load(Ordering::Relaxed)
-                .wrapping_add(micros(at.saturating_duration_since(shared.origin))),
+                .wrapping_add(
+                    shared
+                        .origin_micros
+                        .wrapping_add(micros(at.saturating_duration_since(shared.origin))),
+                ),
             None => unix_micros(SystemTime::now()),
         }
     }
 
-    /// Queues a record without waiting; a full queue drops it (counted).
+    /// The wall-clock time now, in microseconds since the Unix epoch (as of the writer's last
+    /// batch), from one monotonic clock read.
     #[inline]
-    pub fn log(&self, record: Record) {
+    pub fn unix_micros_now(&self) -> u64 {
+        match &self.shared {
+            Some(shared) => shared
+                .wall_offset_micros
+                .load(Ordering::Relaxed)
+                .wrapping_add(sys::monotonic_micros()),
+            None => unix_micros(SystemTime::now()),
+        }
+    }
+
+    /// The wall-clock time now (as [`Self::unix_micros_now`]) and the microseconds since
+    /// `since`, from one clock read.
+    #[inline]
+    pub fn now_since(&self, since: Instant) -> (u64, u64) {
+        let Some(shared) = &self.shared else {
+            return (unix_micros(SystemTime::now()), micros(since.elapsed()));
+        };
+        let now = sys::monotonic_micros();
+        let took = match since.checked_duration_since(shared.origin) {
+            Some(after) => now.saturating_sub(shared.origin_micros.wrapping_add(micros(after))),
+            // Before the log started (a flow taken over from a previous daemon).
+            None => micros(since.elapsed()),
+        };
+        (
+            shared
+                .wall_offset_micros
+                .load(Ordering::Relaxed)
+                .wrapping_add(now),
+            took,
+        )
+    }
+
+    /// Adds a record's line to the batch without waiting for I/O; a full batch drops it
+    /// (counted).
+    #[inline]
+    pub fn log(&self, record: &Record<'_>) {
         let Some(shared) = &self.shared else { return };
         let mut queue = shared.lock();
-        if queue.records.len() < QUEUE_RECORDS {
-            queue.records.push(record);
+        if queue.bytes.len() < BATCH_BYTES {
+            let Queue {
+                bytes, lines, line, ..
+            } = &mut *queue;
+            line.write(record, bytes);
+            *lines += 1;
             return;
         }
         drop(queue);
@@ -291,8 +350,6 @@ fn open(path: &Path) -> Result<std::fs::File, AccessLogError> {
 
 fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &Metrics) {
     let counters = &metrics.access_log;
-    let mut buf = Vec::with_capacity(64 << 10);
-    let mut format = line::Line::new();
     let mut taken = Queue::default();
     let mut failed_before = false;
     loop {
@@ -303,41 +360,26 @@ fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &M
         // Every handle but this one gone: what is queued now is the last of it.
         let last = Arc::strong_count(shared) == 1;
         {
-            // One swap under the lock: the data path never waits for formatting or I/O.
+            // One swap under the lock: the data path never waits for I/O.
             let mut queue = shared.lock();
-            std::mem::swap(&mut queue.records, &mut taken.records);
+            std::mem::swap(&mut queue.bytes, &mut taken.bytes);
+            std::mem::swap(&mut queue.lines, &mut taken.lines);
             std::mem::swap(&mut queue.flushes, &mut taken.flushes);
-        }
-        let mut lines = 0u64;
-        // Formatted where they lie (not moved out one by one), then dropped together.
-        for record in &taken.records {
-            format.write(record, &mut buf);
-            lines += 1;
-            if buf.len() >= (60 << 10) {
-                write_batch(
-                    &mut sink,
-                    &mut buf,
-                    &mut lines,
-                    counters,
-                    &mut failed_before,
-                );
-            }
         }
         write_batch(
             &mut sink,
-            &mut buf,
-            &mut lines,
+            &mut taken.bytes,
+            &mut taken.lines,
             counters,
             &mut failed_before,
         );
-        taken.records.clear();
-        // Records queued before a flush was asked for were taken with it, and are written.
+        // Lines added before a flush was asked for were taken with it, and are written.
         for done in taken.flushes.drain(..) {
             let _ = done.send(());
         }
-        // A burst's queue is not kept for good.
-        if taken.records.capacity() > SPARE_RECORDS {
-            taken.records.shrink_to(SPARE_RECORDS);
+        // A burst's batch is not kept for good.
+        if taken.bytes.capacity() > SPARE_BYTES {
+            taken.bytes.shrink_to(SPARE_BYTES);
         }
         if last {
             return;
@@ -377,20 +419,13 @@ fn write_batch(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_record_fits_a_loop_free_memcpy() {
-        // glibc copies up to eight 32-byte vectors without a loop; a record is copied into
-        // the queue and out of it.
-        assert!(size_of::<Record>() <= 256, "{}", size_of::<Record>());
-    }
-
-    fn refusal(time_micros: u64) -> Record {
+    fn refusal(ingress: &Arc<str>, time_micros: u64) -> Record<'_> {
         Record {
             time_micros,
-            ingress: Arc::from("db"),
+            ingress,
             rule: None,
             client: "127.0.0.1:5000".parse().unwrap_or_else(|_| unreachable!()),
-            sni: Some("x.example.com".into()),
+            sni: Some("x.example.com"),
             alpn: None,
             instance: None,
             backend: None,
@@ -403,18 +438,25 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_and_counts_without_waiting() {
-        // No writer: nothing takes the queue while it fills.
+    fn a_full_batch_drops_and_counts_without_waiting() {
+        // No writer: nothing takes the batch while it fills.
         let metrics = Metrics::new();
         let log = AccessLog {
             shared: Some(Arc::new(Shared::new())),
             metrics: metrics.clone(),
         };
-        for i in 0..QUEUE_RECORDS + 3 {
-            log.log(refusal(i as u64));
+        let db = Arc::from("db");
+        let mut line = Vec::new();
+        refusal(&db, 0).write_json(&mut line);
+        let fit = BATCH_BYTES.div_ceil(line.len());
+        for _ in 0..fit + 3 {
+            log.log(&refusal(&db, 0));
         }
-        let queued = log.shared.as_ref().map_or(0, |s| s.lock().records.len());
-        assert_eq!(queued, QUEUE_RECORDS);
+        let (bytes, lines) = log.shared.as_ref().map_or((0, 0), |s| {
+            let queue = s.lock();
+            (queue.bytes.len(), queue.lines)
+        });
+        assert_eq!((bytes, lines), (fit * line.len(), fit as u64));
         assert_eq!(metrics.access_log.dropped.load(Ordering::Relaxed), 3);
     }
 
@@ -432,8 +474,9 @@ mod tests {
             derived.abs_diff(wall) < 1_000_000,
             "monotonic-derived {derived} vs wall clock {wall}"
         );
+        let db = Arc::from("db");
         for _ in 0..3 {
-            log.log(refusal(derived));
+            log.log(&refusal(&db, derived));
         }
         log.flush(Duration::from_secs(10)).await;
         let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -446,7 +489,8 @@ mod tests {
 
     #[test]
     fn a_refusal_line_has_the_reason_and_no_flow_fields() {
-        let record = refusal(1_700_000_000_000_000);
+        let db = Arc::from("db");
+        let record = refusal(&db, 1_700_000_000_000_000);
         let mut line = Vec::new();
         record.write_json(&mut line);
         assert_eq!(line.last(), Some(&b'\n'));
@@ -460,16 +504,17 @@ mod tests {
 
     #[test]
     fn a_flow_line_escapes_what_it_must_and_parses_back() {
+        let (db, rule) = (Arc::from("db"), Arc::from("{name}.example.com"));
         let record = Record {
             time_micros: unix_micros(
                 SystemTime::UNIX_EPOCH + Duration::new(951_782_400, 123_456_789),
             ),
-            ingress: Arc::from("db"),
-            rule: Some(Arc::from("{name}.example.com")),
+            ingress: &db,
+            rule: Some(&rule),
             client: "[::1]:5000".parse().unwrap_or_else(|_| unreachable!()),
-            sni: Some("a.example.com".into()),
-            alpn: Some(LogText::copy(b"we\"ird\\\x01\xc3\xa9\xff")),
-            instance: Some("a".into()),
+            sni: Some("a.example.com"),
+            alpn: Some(b"we\"ird\\\x01\xc3\xa9\xff"),
+            instance: Some(Name::Text("a")),
             backend: Some("10.0.0.7:5432".parse().unwrap_or_else(|_| unreachable!())),
             mode: Some(Mode::Passthrough),
             duration_micros: 12_345_678,

@@ -1,10 +1,6 @@
 //! One connection, from accept to hand-off (or refusal).
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::OwnedSemaphorePermit};
 use tracing::{debug, warn};
@@ -15,7 +11,7 @@ use super::{
     terminate,
 };
 use crate::{
-    access_log::{AccessLog, LogText, Outcome, Record},
+    access_log::{self, Name, Outcome, Record},
     connect, hello,
     listeners::IngressHandle,
     metrics::{FlowPath, IngressMetrics},
@@ -84,30 +80,29 @@ impl Conn {
         }
     }
 
-    /// The access log record of a connection that ended at `ended_at`. The server name and
-    /// ALPN are copied into it (and freed here, on the thread that allocated them).
+    /// The access log record of a connection that ended at `time_micros` (since the Unix
+    /// epoch) after `duration_micros`: a view of what is known, nothing copied.
     #[inline]
     pub(super) fn record(
-        self,
-        log: &AccessLog,
-        ended_at: Instant,
-        duration: Duration,
+        &self,
+        time_micros: u64,
+        duration_micros: u64,
         outcome: Outcome,
-    ) -> Record {
+    ) -> Record<'_> {
         Record {
-            time_micros: log.unix_micros_at(ended_at),
-            ingress: self.counters.name().clone(),
-            rule: self.rule,
+            time_micros,
+            ingress: self.counters.name(),
+            rule: self.rule.as_ref(),
             client: self.client,
-            sni: self.sni.as_deref().map(LogText::from),
-            alpn: self.alpn.as_deref().map(LogText::copy),
-            instance: self.instance.map(|name| match name {
-                InstanceName::Shared(name) => LogText::from(name),
-                InstanceName::Rendered(name) => LogText::from(name.as_str()),
+            sni: self.sni.as_deref(),
+            alpn: self.alpn.as_deref(),
+            instance: self.instance.as_ref().map(|name| match name {
+                InstanceName::Shared(name) => Name::Shared(name),
+                InstanceName::Rendered(name) => Name::Text(name),
             }),
             backend: self.backend,
             mode: self.mode,
-            duration_micros: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            duration_micros,
             outcome,
         }
     }
@@ -159,10 +154,8 @@ fn report_refusal(dp: &DataPlane, conn: Conn, refusal: &Refusal) {
     }
     let log = &dp.inner.access_log;
     if log.enabled() {
-        let now = Instant::now();
-        let took = now.saturating_duration_since(conn.accepted_at);
-        log.log(conn.record(
-            log,
+        let (now, took) = log.now_since(conn.accepted_at);
+        log.log(&conn.record(
             now,
             took,
             Outcome::Refused {
@@ -450,10 +443,9 @@ impl splice::EndHandler for PassthroughEnd {
         let log = &slot.dp.inner.access_log;
         if log.enabled() {
             let (up, down) = (outcome.client_to_backend, outcome.backend_to_client);
-            log.log(flow.record(
-                log,
-                Instant::now(),
-                duration,
+            log.log(&flow.record(
+                log.unix_micros_now(),
+                access_log::micros(duration),
                 Outcome::Flow {
                     id: outcome.id,
                     path,
@@ -544,10 +536,9 @@ fn ended_first(
         .on_flow_end(Mode::Passthrough, FlowPath::Userspace, end, took);
     let log = &dp.inner.access_log;
     if log.enabled() {
-        log.log(flow.record(
-            log,
-            Instant::now(),
-            took,
+        log.log(&flow.record(
+            log.unix_micros_now(),
+            access_log::micros(took),
             Outcome::Flow {
                 id: dp.inner.engine.next_flow_id(),
                 path: FlowPath::Userspace,

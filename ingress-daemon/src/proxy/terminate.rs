@@ -294,10 +294,9 @@ pub(super) async fn run(dp: &DataPlane, t: Terminated, conn: &mut Conn) -> Resul
     );
     let log = &dp.inner.access_log;
     if log.enabled() {
-        log.log(flow.record(
-            log,
-            ended_at,
-            took,
+        log.log(&flow.record(
+            log.unix_micros_at(ended_at),
+            crate::access_log::micros(took),
             Outcome::Flow {
                 id,
                 path,
