@@ -40,8 +40,8 @@ struct Args {
     /// (default: the engine's).
     #[arg(long)]
     send_buffer_bytes: Option<u64>,
-    /// Receive buffer of each socket on the kernel path; 0 leaves the kernel's autotuning
-    /// (default: the engine's).
+    /// Receive buffer of each socket on the kernel path, fixed at its direction's first hold;
+    /// 0 leaves the kernel's autotuning (default: the engine's).
     #[arg(long)]
     receive_buffer_bytes: Option<u64>,
     /// Size of a relay buffer (default: the engine's).

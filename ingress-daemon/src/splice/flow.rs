@@ -138,6 +138,8 @@ impl BufferPool {
 pub(super) struct Cx<'a> {
     pub(super) kernel: Option<&'a KernelPath>,
     pub(super) pool: &'a mut BufferPool,
+    /// The receive buffer a kernel-path socket gets at its first hold (0: autotuning).
+    pub(super) receive_buffer: u64,
 }
 
 #[derive(Default)]
@@ -162,6 +164,8 @@ struct Dir {
     flushed_for: Option<u64>,
     /// Progress of the way back from the relay to the kernel path.
     handback: Handback,
+    /// The source's receive buffer was fixed (at the first hold).
+    receive_buffer_fixed: bool,
 }
 
 /// Backpressure by the source's receive window, and the way back from the relay to the kernel
@@ -195,8 +199,9 @@ struct Dir {
 /// per 6 GiB (each a zero window, 200 ms) where they now close it none. The one risk of the
 /// delay is a window that reopens short: with the receive buffer left to autotuning (often
 /// 1 to 5 MB when a hold began), 4 of 10 plaintext 2 GiB transfers were left offered less
-/// than a segment after the reopening and stalled 200 ms. With a fixed 32 MiB receive buffer
-/// (`EngineConfig::receive_buffer_bytes`, off by default, see there) none of 6 did.
+/// than a segment after the reopening and stalled 200 ms. So a direction's first hold fixes
+/// its source's receive buffer (`EngineConfig::receive_buffer_bytes`, 32 MiB, see there for
+/// why not at the hand-off): then none of 6 stalled.
 ///
 /// A one-segment window holds nothing while the reverse direction moves (every segment this
 /// socket sends carries the window) or while the gate passes bytes (each read of them is
@@ -458,6 +463,9 @@ impl Flow {
                 .kernel
                 .map_or(u32::MAX, |path| path.dir(dir).window_cap());
             let reverse_seen = self.moved(1 - d, cx.kernel);
+            if let Err(err) = self.fix_receive_buffer(d, cx.receive_buffer, cap) {
+                return self.reset(d, &err);
+            }
             match hold_window(self.socks[d].as_fd(), cap, Some(reverse_seen)) {
                 Ok(held) => self.dirs[d].handback = held,
                 Err(err) => return self.reset(d, &err),
@@ -542,7 +550,7 @@ impl Flow {
             }
             let limit = match kernel {
                 Some((flow, path)) => {
-                    self.hand_back(d, &flow, path)?;
+                    self.hand_back(d, &flow, path, cx.receive_buffer)?;
                     let view = path.dir(flow.dirs[d]);
                     let available = view.passed().saturating_sub(self.dirs[d].read);
                     if available == 0 {
@@ -591,7 +599,13 @@ impl Flow {
 
     /// Steps the way back to the kernel path (see [`Handback`]); called when the relay of
     /// direction `d` holds no byte.
-    fn hand_back(&mut self, d: usize, flow: &KernelFlow, path: &KernelPath) -> Result<(), Failure> {
+    fn hand_back(
+        &mut self,
+        d: usize,
+        flow: &KernelFlow,
+        path: &KernelPath,
+        receive_buffer: u64,
+    ) -> Result<(), Failure> {
         let (src, dst) = (d, 1 - d);
         let view = path.dir(flow.dirs[d]);
         match self.dirs[d].handback {
@@ -604,6 +618,8 @@ impl Flow {
                         || (view.gated() && self.in_flight(d, &view)? > view.low_water()))
                 {
                     // Shut at once: passed bytes must stop arriving for the relay to catch up.
+                    self.fix_receive_buffer(src, receive_buffer, view.window_cap())
+                        .map_err(|e| (src, e))?;
                     self.dirs[d].handback =
                         hold_window(self.socks[src].as_fd(), view.window_cap(), None)
                             .map_err(|e| (src, e))?;
@@ -653,6 +669,23 @@ impl Flow {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Fixes the receive buffer of direction `d`'s source before its first hold (see
+    /// [`super::EngineConfig::receive_buffer_bytes`]), at least twice the window cap `cap`:
+    /// the kernel offers about half a buffer as window, so the cap and not the buffer bounds
+    /// the window when the marks are raised. Then the clamp goes back to the cap, for the
+    /// hold to restore: autotuning may have lowered it to match a smaller buffer, and with the
+    /// buffer fixed it no longer raises it.
+    fn fix_receive_buffer(&mut self, d: usize, receive_buffer: u64, cap: u32) -> io::Result<()> {
+        if receive_buffer == 0 || self.dirs[d].receive_buffer_fixed {
+            return Ok(());
+        }
+        let fd = self.socks[d].as_fd();
+        sys::set_receive_buffer(fd, receive_buffer.max(2 * u64::from(cap)))?;
+        sys::set_window_clamp(fd, cap)?;
+        self.dirs[d].receive_buffer_fixed = true;
         Ok(())
     }
 
@@ -924,6 +957,7 @@ mod tests {
             let mut cx = Cx {
                 kernel: None,
                 pool: &mut pool,
+                receive_buffer: 0,
             };
             let step = flow.on_event(0, events::IN, &mut cx);
             match backend.read(&mut chunk) {
@@ -933,6 +967,7 @@ mod tests {
                     let mut cx = Cx {
                         kernel: None,
                         pool: &mut pool,
+                        receive_buffer: 0,
                     };
                     flow.on_event(1, events::OUT, &mut cx);
                     std::thread::sleep(std::time::Duration::from_micros(200));
@@ -966,6 +1001,7 @@ mod tests {
             let mut cx = Cx {
                 kernel: None,
                 pool: &mut pool,
+                receive_buffer: 0,
             };
             flow.on_event(0, events::IN, &mut cx);
             if flow.dirs[0].buf.is_some() && pool.large_out > 0 {

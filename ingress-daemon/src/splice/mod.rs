@@ -113,12 +113,19 @@ pub struct EngineConfig {
     /// they wait in the send buffer instead of the worker's queue.
     pub send_buffer_bytes: u64,
     /// Receive buffer of each socket on the kernel path, raised to twice the window cap where
-    /// the marks make that larger; 0 (the default) leaves the kernel's autotuning. An autotuned
-    /// buffer can be small when a congestion hold ends (its window is computed from it); a
-    /// fixed one keeps the reopened window whole. It is a bound, not an allocation: the window
-    /// cap and the gate bound what it holds. Not on by default: with 32 MiB, an 8 MiB echo flow
-    /// right after its first phase fell back to the relay for megabytes in 2 of 16 runs (none
-    /// of 8 without); the cause is not found yet.
+    /// the marks make that larger; 0 leaves the kernel's autotuning. An autotuned buffer can
+    /// be small when a congestion hold ends (the reopened window is computed from it); a fixed
+    /// one keeps the reopened window whole. It is a bound, not an allocation: the window cap
+    /// and the gate bound what it holds.
+    ///
+    /// It is fixed at the first hold of the direction the socket receives (a congestion hold,
+    /// or the way back from the relay), not at the hand-off. The two sockets enter the
+    /// sockhash one after the other; a segment that reaches the first between the two has no
+    /// peer to be redirected to, so the verdict passes it, and every byte behind it goes
+    /// through the relay until the relay has caught up and the window is held. That is as
+    /// much as the window offered at the time: with the buffer fixed at the hand-off, the
+    /// whole window cap (an 8 MiB echo flow fell back for up to 6.9 MB in 2 of 16 runs), with
+    /// an autotuned one only what autotuning has grown it to.
     pub receive_buffer_bytes: u64,
     /// Size of a relay buffer for a direction moving bulk data (one per direction while
     /// bytes are held; other directions read 64 KiB at a time, see `flow::BufferPool`).
@@ -137,7 +144,7 @@ impl Default for EngineConfig {
             high_water_bytes: 48 << 20,
             low_water_bytes: 4 << 20,
             send_buffer_bytes: 48 << 20,
-            receive_buffer_bytes: 0,
+            receive_buffer_bytes: 32 << 20,
             relay_buffer_bytes: 1 << 20,
             liveness: Some(sys::Liveness {
                 keepalive_idle: Duration::from_secs(60),
@@ -604,8 +611,13 @@ impl Engine {
         let mut shards = Vec::new();
         for _ in 0..config.shards.max(1) {
             let (tx, rx) = mpsc::unbounded_channel();
-            let shard = shard::Shard::new(kernel.clone(), config.relay_buffer_bytes, stats.clone())
-                .map_err(EngineError::Shard)?;
+            let shard = shard::Shard::new(
+                kernel.clone(),
+                config.relay_buffer_bytes,
+                config.receive_buffer_bytes,
+                stats.clone(),
+            )
+            .map_err(EngineError::Shard)?;
             tokio::spawn(shard.run(rx));
             shards.push(tx);
         }
@@ -739,23 +751,10 @@ impl Engine {
         let to_kernel = inner.kernel.is_some() && !preamble.shut.contains(&true) && !userspace;
         let cap = window_cap(inner.config.soft_water_bytes, inner.config.high_water_bytes);
         if to_kernel {
-            // Before the clamp below: a fixed receive buffer sets the clamp to match. At least
-            // twice the cap (the kernel offers about half a buffer as window), so that the cap
-            // and not the buffer bounds the window when the marks are raised.
-            let receive_buffer = match inner.config.receive_buffer_bytes {
-                0 => 0,
-                bytes => bytes.max(2 * u64::from(cap)),
-            };
+            // The receive buffer is fixed later, at a direction's first hold (see
+            // `EngineConfig::receive_buffer_bytes`).
             for fd in [&client, &backend] {
                 let fd = std::os::fd::AsFd::as_fd(fd);
-                if receive_buffer > 0 {
-                    sys::set_receive_buffer(fd, receive_buffer).map_err(|source| {
-                        SpliceError::Sys {
-                            call: "SO_RCVBUF",
-                            source,
-                        }
-                    })?;
-                }
                 if inner.config.send_buffer_bytes > 0 {
                     sys::set_send_buffer(fd, inner.config.send_buffer_bytes).map_err(|source| {
                         SpliceError::Sys {

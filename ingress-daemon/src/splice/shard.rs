@@ -75,6 +75,8 @@ pub(super) struct Shard {
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     kernel: Option<Arc<KernelPath>>,
     pool: BufferPool,
+    /// [`super::EngineConfig::receive_buffer_bytes`], applied at a flow's first hold.
+    receive_buffer_bytes: u64,
     stats: Arc<EngineStats>,
     live: usize,
     /// Finished flows' bytes by tag, and their gate closures.
@@ -91,6 +93,7 @@ impl Shard {
     pub(super) fn new(
         kernel: Option<Arc<KernelPath>>,
         relay_buffer_bytes: usize,
+        receive_buffer_bytes: u64,
         stats: Arc<EngineStats>,
     ) -> std::io::Result<Self> {
         let epoll = Arc::new(Epoll::new_async()?);
@@ -101,6 +104,7 @@ impl Shard {
             timers: BinaryHeap::new(),
             kernel,
             pool: BufferPool::new(relay_buffer_bytes),
+            receive_buffer_bytes,
             stats,
             live: 0,
             finished: Usage::default(),
@@ -411,6 +415,7 @@ impl Shard {
         let mut cx = Cx {
             kernel: self.kernel.as_deref(),
             pool: &mut self.pool,
+            receive_buffer: self.receive_buffer_bytes,
         };
         match f(flow, &mut cx) {
             Step::Continue { recheck } => {

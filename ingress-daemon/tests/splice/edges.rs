@@ -91,12 +91,14 @@ async fn retransmission_overlapping_forwarded_bytes_arrives_once() {
     }
 }
 
-/// A flow on the kernel path gets the configured send and receive buffers on both sockets (the
-/// kernel's worker that sends redirected bytes backs off for a clock tick whenever it finds the
-/// send buffer full; an autotuned receive buffer can be small when a hold ends), and its window
-/// clamp is still the cap (fixing the receive buffer resets the clamp); a relayed flow keeps
-/// the kernel's autotuning. Set above the autotuning maximum, so autotuning alone cannot reach
-/// them.
+/// A flow on the kernel path gets the configured send buffer on both sockets at the hand-off
+/// (the kernel's worker that sends redirected bytes backs off for a clock tick whenever it
+/// finds the send buffer full) and the configured receive buffer on a source at its first hold
+/// (an autotuned one can be small when a hold ends), not before: at the hand-off a fixed
+/// buffer would offer the whole window cap to bytes that may have to go through the relay.
+/// The window clamp is the cap after the hand-off and again once the hold ends (fixing the
+/// buffer resets the clamp). A relayed flow keeps the kernel's autotuning. The sizes are above
+/// the autotuning maximum, so autotuning alone cannot reach them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotuning() {
     let autotune_max = |sysctl: &str| -> u64 {
@@ -111,15 +113,16 @@ async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotunin
     let (wmem_max, rmem_max) = (autotune_max("tcp_wmem"), autotune_max("tcp_rmem"));
     let want = (wmem_max * 4).max(32 << 20);
     let want_rcv = (rmem_max * 2).max(64 << 20);
-    // The default marks, and marks raised so far that twice the window cap exceeds the
-    // configured receive buffer: the buffer then grows with the cap.
-    let default_marks = (16u64 << 20, 48u64 << 20);
-    let raised_marks = (64u64 << 20, (64u64 << 20) + 3 * want_rcv);
+    // A low soft mark, so that a stalled receiver brings a hold soon; and a high mark raised
+    // so far that twice the window cap exceeds the configured receive buffer: the buffer then
+    // grows with the cap.
+    let low_marks = (1u64 << 20, 4u64 << 20);
+    let raised_marks = (1u64 << 20, (1u64 << 20) + 3 * want_rcv);
     for (offload, userspace, kernel, (soft, high)) in [
-        (Offload::Required, false, true, default_marks),
+        (Offload::Required, false, true, low_marks),
         (Offload::Required, false, true, raised_marks),
-        (Offload::Required, true, false, default_marks),
-        (Offload::Off, false, false, default_marks),
+        (Offload::Required, true, false, low_marks),
+        (Offload::Off, false, false, low_marks),
     ] {
         let cap = (high - soft) / 3;
         let Some(engine) = engine(offload, |c| {
@@ -127,6 +130,7 @@ async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotunin
             c.receive_buffer_bytes = want_rcv;
             c.soft_water_bytes = soft;
             c.high_water_bytes = high;
+            c.low_water_bytes = soft / 2;
         }) else {
             continue;
         };
@@ -160,18 +164,22 @@ async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotunin
         let mut got = [0u8; 4];
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"ping");
-        for sock in &watched {
+        let buffers = |sock: &std::net::TcpStream| {
             let fd = std::os::fd::AsFd::as_fd(sock);
-            let sndbuf = u64::try_from(ingress_daemon::sys::sndbuf(fd).unwrap()).unwrap();
-            let rcvbuf = u64::try_from(ingress_daemon::sys::rcvbuf(fd).unwrap()).unwrap();
+            (
+                u64::try_from(ingress_daemon::sys::sndbuf(fd).unwrap()).unwrap(),
+                u64::try_from(ingress_daemon::sys::rcvbuf(fd).unwrap()).unwrap(),
+                u64::from(ingress_daemon::sys::window_clamp(fd).unwrap()),
+            )
+        };
+        for sock in &watched {
+            let (sndbuf, rcvbuf, clamp) = buffers(sock);
             if kernel {
                 assert_eq!(sndbuf, want, "{offload}: kernel-path send buffer");
-                assert_eq!(
-                    rcvbuf,
-                    want_rcv.max(2 * cap),
-                    "{offload}, cap {cap}: kernel-path receive buffer"
+                assert!(
+                    rcvbuf <= rmem_max,
+                    "{offload}: receive buffer {rcvbuf} fixed before any hold"
                 );
-                let clamp = u64::from(ingress_daemon::sys::window_clamp(fd).unwrap());
                 assert_eq!(clamp, cap, "{offload}: window clamp is not the cap");
             } else {
                 assert!(
@@ -179,6 +187,62 @@ async fn kernel_path_sockets_get_the_send_buffer_and_relayed_ones_keep_autotunin
                     "{offload}, userspace {userspace}: buffers {sndbuf} / {rcvbuf} set on a \
                      relayed flow"
                 );
+            }
+        }
+        if kernel {
+            // The server stops reading: bytes in flight pass the soft mark and the engine
+            // holds the client's window, fixing its receive buffer first.
+            client
+                .set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let chunk = vec![7u8; 1 << 20];
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let expected = want_rcv.max(2 * cap);
+            let mut written = 0u64;
+            loop {
+                let (_, rcvbuf, _) = buffers(&watched[0]);
+                if rcvbuf == expected {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{offload}, cap {cap}: receive buffer {rcvbuf}, not {expected}, after \
+                     {written} bytes written to a stalled receiver"
+                );
+                match client.write(&chunk) {
+                    Ok(n) => written += n as u64,
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            // The backend side received nothing yet: its buffer is still the kernel's.
+            let (_, rcvbuf, _) = buffers(&watched[1]);
+            assert!(rcvbuf <= rmem_max, "{offload}: backend buffer {rcvbuf}");
+            // The server reads everything: the hold ends and the clamp is the cap again.
+            let reader = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                while total < written {
+                    match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
+                    }
+                }
+                (server, total)
+            });
+            let (_, total) = reader.join().unwrap();
+            assert_eq!(total, written, "{offload}: every byte arrived");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (_, _, clamp) = buffers(&watched[0]);
+                if clamp == cap {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{offload}: window clamp {clamp} after the hold, not the cap {cap}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         engine.shutdown(Duration::ZERO).await;
