@@ -228,7 +228,7 @@ impl Run {
 
 #[cold]
 #[inline(never)]
-pub(super) fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+fn escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     for &b in String::from_utf8_lossy(bytes).as_bytes() {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),

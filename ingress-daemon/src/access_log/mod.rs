@@ -149,13 +149,19 @@ pub fn unix_micros(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// Lines waiting for the writer, the formatting state, and flushes waiting for their answer.
+/// What the writer takes whole: lines waiting to be written and flushes waiting for them.
 #[derive(Default)]
-struct Queue {
+struct Batch {
     bytes: Vec<u8>,
     lines: u64,
-    line: line::Line,
     flushes: Vec<oneshot::Sender<()>>,
+}
+
+/// The batch being filled and the formatting state.
+#[derive(Default)]
+struct Queue {
+    batch: Batch,
+    line: line::Line,
 }
 
 /// What the data path and the writer share.
@@ -313,12 +319,10 @@ impl AccessLog {
     pub fn log(&self, record: &Record<'_>) {
         let Some(shared) = &self.shared else { return };
         let mut queue = shared.lock();
-        if queue.bytes.len() < BATCH_BYTES {
-            let Queue {
-                bytes, lines, line, ..
-            } = &mut *queue;
-            line.write(record, bytes);
-            *lines += 1;
+        if queue.batch.bytes.len() < BATCH_BYTES {
+            let Queue { batch, line } = &mut *queue;
+            line.write(record, &mut batch.bytes);
+            batch.lines += 1;
             return;
         }
         drop(queue);
@@ -332,7 +336,7 @@ impl AccessLog {
     pub async fn flush(&self, timeout: Duration) {
         let Some(shared) = &self.shared else { return };
         let (done, wait) = oneshot::channel();
-        shared.lock().flushes.push(done);
+        shared.lock().batch.flushes.push(done);
         let _ = tokio::time::timeout(timeout, wait).await;
     }
 }
@@ -350,7 +354,7 @@ fn open(path: &Path) -> Result<std::fs::File, AccessLogError> {
 
 fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &Metrics) {
     let counters = &metrics.access_log;
-    let mut taken = Queue::default();
+    let mut taken = Batch::default();
     let mut failed_before = false;
     loop {
         // Woken on a short period instead of per record: a busy data path then never pays for
@@ -361,10 +365,7 @@ fn write_loop(shared: &Arc<Shared>, mut sink: Box<dyn Write + Send>, metrics: &M
         let last = Arc::strong_count(shared) == 1;
         {
             // One swap under the lock: the data path never waits for I/O.
-            let mut queue = shared.lock();
-            std::mem::swap(&mut queue.bytes, &mut taken.bytes);
-            std::mem::swap(&mut queue.lines, &mut taken.lines);
-            std::mem::swap(&mut queue.flushes, &mut taken.flushes);
+            std::mem::swap(&mut shared.lock().batch, &mut taken);
         }
         write_batch(
             &mut sink,
@@ -454,7 +455,7 @@ mod tests {
         }
         let (bytes, lines) = log.shared.as_ref().map_or((0, 0), |s| {
             let queue = s.lock();
-            (queue.bytes.len(), queue.lines)
+            (queue.batch.bytes.len(), queue.batch.lines)
         });
         assert_eq!((bytes, lines), (fit * line.len(), fit as u64));
         assert_eq!(metrics.access_log.dropped.load(Ordering::Relaxed), 3);

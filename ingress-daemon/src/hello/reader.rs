@@ -56,15 +56,15 @@ struct PeekBuffer(Vec<u8>);
 
 impl PeekBuffer {
     fn new(len: usize) -> Self {
-        let pooled = (len == INITIAL_PEEK_BYTES)
-            .then(|| {
-                PEEK_BUFFERS
-                    .try_with(|pool| pool.try_borrow_mut().ok().and_then(|mut p| p.pop()))
-                    .ok()
-                    .flatten()
-            })
-            .flatten();
-        Self(pooled.unwrap_or_else(|| vec![0; len]))
+        let pooled = || {
+            PEEK_BUFFERS
+                .try_with(|pool| pool.try_borrow_mut().ok()?.pop())
+                .ok()?
+        };
+        match (len == INITIAL_PEEK_BYTES).then(pooled).flatten() {
+            Some(buf) => Self(buf),
+            None => Self(vec![0; len]),
+        }
     }
 }
 
